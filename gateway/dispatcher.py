@@ -1,0 +1,390 @@
+"""The dispatcher: sends recorded deliveries with retries, rate limits and failover.
+
+Inline, right after `sendemail` recorded an escalation, each delivery gets up to
+EMAIL_RETRY_COUNT attempts per transport within EMAIL_TIMEOUT_SECONDS. What is
+still not sent stays queued in the store, and the background loop (on any
+replica) retries it with growing delays until the retry horizon, then marks it
+failed. The same loop asks tracking transports (ACS) for delivery confirmation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential_jitter,
+)
+
+from gateway.config import Settings
+from gateway.errors import (
+    ConfigError,
+    DeliveryError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
+from gateway.logs import mask_address
+from gateway.metrics import Metrics
+from gateway.store import DeliveryRecord, Outcome, Store
+from gateway.transport import OutgoingMessage, Receipt, StatusUpdate, Transport
+
+log = logging.getLogger("gateway.dispatcher")
+
+_UNITS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
+#: extra lease time beyond EMAIL_TIMEOUT_SECONDS before another process may take a delivery over
+LEASE_MARGIN_SECONDS = 15.0
+
+
+def parse_rate_limits(name: str, raw: Any) -> list[tuple[int, float]]:
+    """`["30/minute", "100/hour"]` -> [(30, 60.0), (100, 3600.0)]."""
+    if raw is None:
+        return []
+    items = [raw] if isinstance(raw, str) else raw
+    windows = []
+    for item in items:
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(second|minute|hour|day)s?\s*", str(item))
+        if not match or int(match.group(1)) < 1:
+            raise ConfigError(
+                f"transports.{name}.rate_limits: {item!r} is not a rate; write it like '30/minute' or '100/hour'"
+            )
+        windows.append((int(match.group(1)), _UNITS[match.group(2)]))
+    return windows
+
+
+class Throttled(Exception):
+    """A transport's send-rate budget is spent; a slot frees in `wait` seconds."""
+
+    def __init__(self, transport: str, wait: float) -> None:
+        super().__init__(f"rate limit of transport {transport}: next slot in {wait:.0f}s")
+        self.wait = wait
+
+
+@dataclass
+class _Tally:
+    attempts: int = 0
+
+
+class _WaitRetryAfter(wait_exponential_jitter):
+    """Exponential backoff with jitter, but never shorter than the provider's Retry-After."""
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        wait = super().__call__(retry_state)
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        hint = getattr(error, "retry_after", None)
+        return max(wait, float(hint)) if hint else wait
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        transports: dict[str, Transport],
+        metrics: Metrics,
+        owner: str,
+        rate_limits: dict[str, list[tuple[int, float]]],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.chain = [transports[name] for name in settings.transport_chain]
+        self.metrics = metrics
+        self.owner = owner
+        self.limits = rate_limits
+        self.lease = timedelta(seconds=settings.email.timeout_seconds + LEASE_MARGIN_SECONDS)
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: dict[asyncio.Task[None], DeliveryRecord] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(settings.dispatcher.concurrency)
+
+    # -- inline sending (inside the sendemail call) ----------------------------------------------
+
+    def lease_until(self, now: datetime) -> datetime:
+        return now + self.lease
+
+    async def send_now(self, records: Sequence[DeliveryRecord], context: dict[str, Any]) -> list[DeliveryRecord]:
+        """Send freshly recorded (and leased) deliveries concurrently; record and return them."""
+        outcomes = await asyncio.gather(*(self._deliver(r, inline=True, context=context) for r in records))
+        await self._record(outcomes)
+        if any(o.status == "queued" for o in outcomes):
+            self._wake.set()
+        return [_apply(r, o) for r, o in zip(records, outcomes, strict=True)]
+
+    # -- one delivery ----------------------------------------------------------------------------
+
+    async def _deliver(self, record: DeliveryRecord, *, inline: bool, context: dict[str, Any]) -> Outcome:
+        message = record.message()
+        started = time.monotonic()
+        deadline = started + self.settings.email.timeout_seconds
+        tally = _Tally()
+        last: DeliveryError | None = None
+        tried: list[str] = []
+        extra = {**context, "role": record.role, "recipient": _shown(record)}
+        for transport in self.chain:
+            tried.append(transport.name)
+            tries = self.settings.email.retry_count if inline else 1
+            try:
+                receipt = await self._send_with_retries(transport, message, deadline, tries, tally, extra)
+            except Throttled as throttled:
+                log.info("rate limit reached; delivery queued", extra={**extra, "transport": transport.name})
+                return self._queued(record, tally, transport.name, str(throttled), throttled.wait)
+            except PermanentDeliveryError as err:
+                last = err
+                if err.transport_level:
+                    log.warning("transport unusable, failing over: %s", err,
+                                extra={**extra, "transport": transport.name})
+                    continue
+                log.warning("delivery failed permanently: %s", err, extra={**extra, "transport": transport.name})
+                return self._failed(record, tally, transport.name, str(err))
+            except TransientDeliveryError as err:
+                last = err
+                continue
+            return self._sent(record, tally, transport, receipt, time.monotonic() - started, extra)
+        assert last is not None
+        name = tried[-1]
+        if isinstance(last, PermanentDeliveryError):
+            return self._failed(record, tally, name, f"every transport refused: {last}")
+        retry_after = last.retry_after if isinstance(last, TransientDeliveryError) else None
+        return self._queued(record, tally, name, str(last), retry_after, backoff=True)
+
+    async def _send_with_retries(
+        self,
+        transport: Transport,
+        message: OutgoingMessage,
+        deadline: float,
+        tries: int,
+        tally: _Tally,
+        extra: dict[str, Any],
+    ) -> Receipt:
+        name = transport.name
+        window = max(0.0, deadline - time.monotonic())
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(tries) | stop_before_delay(window),
+            wait=_WaitRetryAfter(initial=0.25, max=5.0, jitter=0.25),
+            retry=retry_if_exception_type(TransientDeliveryError),
+            reraise=True,
+            before_sleep=lambda _state: self.metrics.retries.labels(name).inc(),
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self._take_slot(name, deadline)
+                tally.attempts += 1
+                return await self._attempt(transport, message, deadline, tally.attempts, extra)
+        raise AssertionError("unreachable: tenacity reraises the last error")
+
+    async def _take_slot(self, name: str, deadline: float) -> None:
+        windows = self.limits.get(name)
+        if not windows:
+            return
+        while True:
+            wait = await self.store.take_rate_slot(name, windows, now_utc())
+            if wait <= 0:
+                return
+            if time.monotonic() + wait >= deadline:
+                raise Throttled(name, wait)
+            await asyncio.sleep(wait)
+
+    async def _attempt(
+        self, transport: Transport, message: OutgoingMessage, deadline: float, attempt: int, extra: dict[str, Any]
+    ) -> Receipt:
+        name = transport.name
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TransientDeliveryError(f"no time left within EMAIL_TIMEOUT_SECONDS for {name}")
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(remaining):
+                receipt = await transport.send(message)
+        except TimeoutError:
+            self.metrics.send_attempts.labels(name, "transient").inc()
+            raise TransientDeliveryError(f"{name} did not answer within {remaining:.1f}s") from None
+        except DeliveryError as err:
+            kind = "permanent" if isinstance(err, PermanentDeliveryError) else "transient"
+            self.metrics.send_attempts.labels(name, kind).inc()
+            log.info("attempt failed: %s", err, extra={**extra, "transport": name, "attempt": attempt})
+            raise
+        except Exception as err:  # a transport bug must not lose the escalation
+            self.metrics.send_attempts.labels(name, "transient").inc()
+            log.exception("transport %s raised an unmapped %s", name, type(err).__name__,
+                          extra={**extra, "transport": name})
+            raise TransientDeliveryError(f"{name} failed unexpectedly ({type(err).__name__})") from err
+        elapsed = time.monotonic() - started
+        self.metrics.send_attempts.labels(name, "ok").inc()
+        self.metrics.send_latency.labels(name).observe(elapsed)
+        return receipt
+
+    # -- outcomes --------------------------------------------------------------------------------
+
+    def _sent(
+        self, record: DeliveryRecord, tally: _Tally, transport: Transport, receipt: Receipt, seconds: float,
+        extra: dict[str, Any],
+    ) -> Outcome:
+        now = now_utc()
+        check_at = None
+        if receipt.status == "sent" and transport.tracks_delivery:
+            check_at = now + timedelta(seconds=self.settings.dispatcher.first_status_check_seconds)
+        who = "customer" if record.role == "customer" else "support team"
+        log.info("Email sent to %s: %s", who, _shown(record),
+                 extra={**extra, "transport": transport.name, "attempt": tally.attempts,
+                        "duration_ms": round(seconds * 1000, 1)})
+        return Outcome(
+            delivery_id=record.id, status=receipt.status, transport=transport.name,
+            attempts_added=tally.attempts, next_attempt_at=check_at, provider_id=receipt.provider_id,
+            sent_at=now, finished_at=now if receipt.status == "delivered" else None,
+        )
+
+    def _failed(self, record: DeliveryRecord, tally: _Tally, transport: str, error: str) -> Outcome:
+        now = now_utc()
+        return Outcome(delivery_id=record.id, status="failed", transport=transport,
+                       attempts_added=tally.attempts, error=error, finished_at=now)
+
+    def _queued(
+        self, record: DeliveryRecord, tally: _Tally, transport: str, error: str, retry_after: float | None,
+        *, backoff: bool = False,
+    ) -> Outcome:
+        now = now_utc()
+        delay = retry_after or 0.0
+        if backoff:
+            delay = max(delay, self._backoff(record.attempts + tally.attempts))
+        next_at = now + timedelta(seconds=delay)
+        if next_at > record.give_up_at:
+            attempts = record.attempts + tally.attempts
+            return self._failed(record, tally, transport, f"gave up after {attempts} attempts: {error}")
+        return Outcome(delivery_id=record.id, status="queued", transport=transport,
+                       attempts_added=tally.attempts, next_attempt_at=next_at, error=error)
+
+    def _backoff(self, attempts: int) -> float:
+        cap = self.settings.dispatcher.max_backoff_seconds
+        base = min(cap, 2.0 * 2 ** min(attempts, 20))
+        return base * random.uniform(0.8, 1.2)
+
+    async def _record(self, outcomes: Sequence[Outcome]) -> None:
+        lost = await self.store.record(outcomes, self.owner)
+        for delivery_id in lost:
+            log.error("lease on delivery %s was lost before its outcome was recorded; another process "
+                      "may send it again (raise EMAIL_TIMEOUT_SECONDS or check clocks)", delivery_id)
+
+    # -- background loop -------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run(), name="gateway-dispatcher")
+
+    async def _run(self) -> None:
+        interval = self.settings.dispatcher.poll_interval_seconds
+        while not self._stopping.is_set():
+            try:
+                await self._tick()
+            except Exception:
+                log.exception("dispatcher round failed; trying again in %.1fs", interval)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def _tick(self) -> None:
+        counts = await self.store.count_by_status()
+        for status in ("queued", "sent", "delivered", "failed"):
+            self.metrics.deliveries.labels(status).set(counts.get(status, 0))
+        free = self.settings.dispatcher.concurrency - len(self._tasks)
+        if free <= 0 or self._stopping.is_set():
+            return
+        now = now_utc()
+        due = await self.store.claim_due(
+            owner=self.owner, now=now, lease_until=self.lease_until(now),
+            limit=min(free, self.settings.dispatcher.batch_size),
+        )
+        for record in due:
+            task = asyncio.create_task(self._process(record))
+            self._tasks[task] = record
+            task.add_done_callback(self._tasks.pop)
+
+    async def _process(self, record: DeliveryRecord) -> None:
+        context = {"email_id": record.email_id}
+        if record.status == "queued":
+            outcome = await self._deliver(record, inline=False, context=context)
+            self._count(record, outcome)
+        else:
+            outcome = await self._confirm(record)
+        await self._record([outcome])
+
+    def _count(self, record: DeliveryRecord, outcome: Outcome) -> None:
+        self.metrics.emails.labels(record.use_case, record.role, outcome.transport or "none",
+                                   outcome.status).inc()
+
+    async def _confirm(self, record: DeliveryRecord) -> Outcome:
+        """Ask a tracking transport whether an accepted message was delivered."""
+        keep = partial(Outcome, delivery_id=record.id, status=record.status, transport=record.transport,
+                       attempts_added=0, error=record.last_error)
+        transport = next((t for t in self.chain if t.name == record.transport), None)
+        if transport is None or not transport.tracks_delivery:
+            return keep()  # nobody can confirm it: stop asking
+        now = now_utc()
+        try:
+            update = await transport.status(Receipt(status=record.status, provider_id=record.provider_id))
+        except PermanentDeliveryError as err:
+            return keep(error=f"delivery status unavailable: {err}")
+        except DeliveryError as err:
+            update = StatusUpdate(status=record.status, retry_after=getattr(err, "retry_after", None))
+        if update.status in ("delivered", "failed"):
+            if update.status == "delivered" and record.sent_at is not None:
+                self.metrics.confirmation_latency.labels(transport.name).observe(
+                    (now - record.sent_at).total_seconds())
+            self.metrics.emails.labels(record.use_case, record.role, transport.name, update.status).inc()
+            return keep(status=update.status, error=update.error, finished_at=now)
+        # Not final yet: ask again, less often as the message ages, never past the horizon.
+        age = (now - (record.sent_at or record.created_at)).total_seconds()
+        next_at = now + timedelta(seconds=max(update.retry_after or 0.0, min(60.0, max(1.0, age / 4))))
+        return keep(next_attempt_at=None if next_at > record.give_up_at else next_at)
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; let in-flight sends finish within `grace`; give the rest back."""
+        self._stopping.set()
+        self._wake.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=grace)
+            if pending:
+                unfinished = [self._tasks[task].id for task in pending]
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                await self.store.release(unfinished, self.owner)
+                log.warning("%d deliveries were still being sent at shutdown; left pending", len(pending))
+
+
+def _apply(record: DeliveryRecord, outcome: Outcome) -> DeliveryRecord:
+    record.status = outcome.status
+    record.attempts += outcome.attempts_added
+    record.transport = outcome.transport or record.transport
+    record.last_error = outcome.error
+    record.next_attempt_at = outcome.next_attempt_at
+    record.provider_id = outcome.provider_id or record.provider_id
+    record.sent_at = outcome.sent_at or record.sent_at
+    return record
+
+
+def _shown(record: DeliveryRecord) -> str:
+    """Customer addresses are masked in logs; the bank's own team address is not."""
+    return mask_address(record.address) if record.role == "customer" else record.address

@@ -1,0 +1,118 @@
+"""Plugin loading and the transport registry.
+
+Transports arrive only through the `gateway` entry-point group (or `pm.register`
+in tests): the core never imports a plugin by name. A transport class without a
+name, or two with the same name, stop start-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pluggy
+from pydantic import ValidationError
+
+from gateway import hookspecs
+from gateway.errors import ConfigError, StartupError
+from gateway.transport import Transport
+
+#: Core modules that implement hooks themselves (none yet: transports are entry points).
+DEFAULT_PLUGINS: tuple[str, ...] = ()
+
+#: keys of a `transports.<name>` block that the core reads rather than the transport
+CORE_TRANSPORT_KEYS = ("rate_limits",)
+
+pm = pluggy.PluginManager("gateway")
+pm.add_hookspecs(hookspecs)
+
+_loaded = False
+
+
+def load_plugins() -> pluggy.PluginManager:
+    """Load the default plugins and every `gateway` entry point, once."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module_name in DEFAULT_PLUGINS:
+            pm.register(__import__(module_name, fromlist=["_"]), module_name)
+        pm.load_setuptools_entrypoints("gateway")
+        pm.check_pending()
+    return pm
+
+
+@contextmanager
+def registered(plugin: object, name: str | None = None) -> Iterator[object]:
+    """Register an inline plugin for the duration of a block (tests, embedding)."""
+    load_plugins()
+    pm.register(plugin, name)
+    try:
+        yield plugin
+    finally:
+        pm.unregister(plugin)
+
+
+def transport_classes() -> dict[str, type[Transport]]:
+    """Every registered transport class by name; refuses missing and duplicate names."""
+    load_plugins()
+    classes: dict[str, type[Transport]] = {}
+
+    def register(cls: type[Any]) -> None:
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name:
+            raise StartupError(f"transport class {cls.__module__}.{cls.__qualname__} has no `name`")
+        if name in classes and classes[name] is not cls:
+            other = classes[name]
+            raise StartupError(
+                f"two transports are named {name!r}: {other.__module__}.{other.__qualname__} "
+                f"and {cls.__module__}.{cls.__qualname__}; uninstall or rename one"
+            )
+        classes[name] = cls
+
+    pm.hook.register_transports(register=register)
+    return classes
+
+
+def template_dirs() -> list[Path]:
+    load_plugins()
+    return [Path(d) for dirs in pm.hook.template_dirs() if dirs for d in dirs]
+
+
+def template_context(use_case: str, role: str) -> dict[str, Any]:
+    load_plugins()
+    merged: dict[str, Any] = {}
+    for extra in reversed(pm.hook.template_context(use_case=use_case, role=role)):
+        if extra:
+            merged.update(extra)
+    return merged
+
+
+def transport_settings(cls: type[Transport], block: dict[str, Any] | None) -> Any:
+    """Validate one `transports.<name>` block (environment first) with the class's model."""
+    values = {k: v for k, v in (block or {}).items() if k not in CORE_TRANSPORT_KEYS}
+    try:
+        return cls.settings_model(**values)
+    except ValidationError as err:
+        lines = [f"invalid settings for transport {cls.name!r}:"]
+        for problem in err.errors():
+            path = ".".join(str(p) for p in problem["loc"])
+            message = problem["msg"].removeprefix("Value error, ")
+            lines.append(f"  transports.{cls.name}.{path}: {message}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def build_transports(chain: list[str], blocks: dict[str, dict[str, Any]]) -> dict[str, Transport]:
+    """Instantiate the transports of the failover chain; validate every configured block."""
+    classes = transport_classes()
+    known = ", ".join(sorted(classes)) or "none installed"
+    for name in list(chain) + list(blocks):
+        if name not in classes:
+            raise ConfigError(f"unknown transport {name!r}; installed transports: {known}")
+    if len(set(chain)) != len(chain):
+        raise ConfigError(f"EMAIL_TRANSPORT names a transport twice: {','.join(chain)}")
+    for name, block in blocks.items():
+        if name not in chain:
+            transport_settings(classes[name], block)  # validated even when not in use
+    return {name: classes[name](transport_settings(classes[name], blocks.get(name))) for name in chain}

@@ -1,0 +1,482 @@
+"""The store: escalations, their deliveries (the outbox), the email_id counter, rate limits.
+
+Everything that decides correctness lives in the database, so several replicas can
+share one PostgreSQL: a unique constraint makes each ticket escalate once, an
+upsert numbers email_ids, leases (claimed with FOR UPDATE SKIP LOCKED where the
+database has it) make one process send each pending delivery.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import and_, delete, event, func, insert, or_, select, text, update
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from gateway.errors import ConfigError, RecipientLimitError, TicketConflictError
+from gateway.store import schema
+from gateway.store.schema import counters, deliveries, escalations, rate_events, rate_limiters
+from gateway.transport import DeliveryStatus, OutgoingMessage
+
+_DELIVERY_COLUMNS = [c for c in deliveries.c]
+
+
+@dataclass
+class DeliveryRecord:
+    """One email of an escalation, as the outbox holds it."""
+
+    id: str
+    email_id: str
+    use_case: str
+    role: str
+    address: str
+    message_id: str
+    status: DeliveryStatus
+    transport: str | None
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    provider_id: str | None
+    created_at: datetime
+    give_up_at: datetime
+    sent_at: datetime | None
+    finished_at: datetime | None
+    sender: str
+    subject: str
+    text_body: str
+    html_body: str
+    headers: dict[str, str]
+
+    @classmethod
+    def from_row(cls, row: Any) -> DeliveryRecord:
+        values = {c.name: row._mapping[c.name] for c in _DELIVERY_COLUMNS if c.name in row._mapping}
+        values["headers"] = json.loads(values["headers"])
+        for internal in ("lease_owner", "lease_until"):
+            values.pop(internal, None)
+        return cls(**values)
+
+    def message(self) -> OutgoingMessage:
+        return OutgoingMessage(
+            delivery_id=self.id,
+            message_id=self.message_id,
+            sender=self.sender,
+            recipients=(self.address,),
+            subject=self.subject,
+            text=self.text_body,
+            html=self.html_body,
+            date=self.created_at,
+            headers=self.headers,
+        )
+
+
+@dataclass
+class EscalationRecord:
+    email_id: str
+    use_case: str
+    ticket_id: str
+    customer_id: str
+    payload_hash: str
+    created_at: datetime
+    deliveries: list[DeliveryRecord] = field(default_factory=list)
+
+    def delivery(self, role: str) -> DeliveryRecord:
+        return next(d for d in self.deliveries if d.role == role)
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    id: str
+    role: str
+    message: OutgoingMessage
+
+
+@dataclass(frozen=True)
+class Accepted:
+    record: EscalationRecord
+    replay: bool
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one send (or status check) did to a delivery; applied under the lease."""
+
+    delivery_id: str
+    status: DeliveryStatus
+    transport: str | None
+    attempts_added: int
+    next_attempt_at: datetime | None = None
+    error: str | None = None
+    provider_id: str | None = None
+    sent_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+def async_url(database_url: str) -> str:
+    """Map the contract's URLs onto the async drivers (aiosqlite, asyncpg)."""
+    url = make_url(database_url)
+    if url.drivername in ("sqlite", "sqlite+aiosqlite"):
+        return str(url.set(drivername="sqlite+aiosqlite"))
+    if url.drivername in ("postgresql", "postgres", "postgresql+asyncpg"):
+        return url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+    raise ConfigError(f"DATABASE_URL: unsupported database {url.drivername!r}; use sqlite or postgresql")
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" hook emit BEGIN itself (IMMEDIATE for writers).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000", "foreign_keys=ON"):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    readonly = conn.get_execution_options().get("gateway_readonly", False)
+    conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+
+class Store:
+    """Async access to the gateway's tables; one instance per process."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._reader = engine.execution_options(gateway_readonly=True)
+        self.dialect = engine.dialect.name
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, database_url: str) -> Store:
+        url = async_url(database_url)
+        parsed = make_url(url)
+        if parsed.drivername.startswith("sqlite"):
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_async_engine(url, connect_args={"timeout": 30})
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+            event.listen(engine.sync_engine, "begin", _sqlite_begin)
+        else:
+            engine = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+        store = cls(engine)
+        try:
+            await store.migrate()
+        except BaseException:
+            await engine.dispose()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def migrate(self) -> None:
+        """Create or upgrade the schema; safe when several replicas start at once."""
+        from gateway.store.migrations import upgrade
+
+        async with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                await conn.execute(text("SELECT pg_advisory_xact_lock(724106)"))
+            await conn.run_sync(upgrade)
+
+    async def ping(self) -> None:
+        async with self._reader.connect() as conn:
+            await conn.execute(select(1))
+
+    # -- accepting an escalation -----------------------------------------------------------------
+
+    async def accept(
+        self,
+        *,
+        use_case: str,
+        ticket_id: str,
+        customer_id: str,
+        payload_hash: str,
+        created_at: datetime,
+        local_day: str,
+        new_deliveries: Sequence[NewDelivery],
+        recipient_cap: int,
+        lease_owner: str,
+        lease_until: datetime,
+        give_up_at: datetime,
+    ) -> Accepted:
+        """Record the escalation and its deliveries in one transaction, or find the earlier one.
+
+        The deliveries are recorded leased to `lease_owner`, who sends them at once; if that
+        process dies, the lease expires and the dispatcher of any replica takes over.
+        """
+        for _ in range(3):
+            try:
+                async with self.engine.begin() as conn:
+                    earlier = await self._find(conn, use_case, ticket_id)
+                    if earlier is not None:
+                        return self._replay(earlier, payload_hash)
+                    customer = next(d for d in new_deliveries if d.role == "customer")
+                    await self._check_recipient_cap(conn, customer.message.recipients[0], created_at,
+                                                    recipient_cap)
+                    number = await self._next_number(conn, f"{use_case}:{local_day}")
+                    email_id = f"EMAIL-{use_case}-{local_day}-{number:03d}"
+                    await conn.execute(insert(escalations).values(
+                        email_id=email_id, use_case=use_case, ticket_id=ticket_id, customer_id=customer_id,
+                        payload_hash=payload_hash, created_at=created_at,
+                    ))
+                    rows = [self._delivery_row(email_id, use_case, d, created_at, give_up_at,
+                                               lease_owner, lease_until)
+                            for d in new_deliveries]
+                    await conn.execute(insert(deliveries), rows)
+                record = EscalationRecord(
+                    email_id=email_id, use_case=use_case, ticket_id=ticket_id, customer_id=customer_id,
+                    payload_hash=payload_hash, created_at=created_at,
+                    deliveries=[DeliveryRecord.from_row(_RowLike(row)) for row in rows],
+                )
+                return Accepted(record=record, replay=False)
+            except IntegrityError:
+                # A concurrent call recorded the same ticket first: go round and replay it.
+                continue
+        raise RuntimeError(f"could not record ticket {ticket_id} after repeated conflicts")
+
+    @staticmethod
+    def _replay(earlier: EscalationRecord, payload_hash: str) -> Accepted:
+        if earlier.payload_hash != payload_hash:
+            raise TicketConflictError(
+                f"ticket {earlier.ticket_id} was already escalated for {earlier.use_case} "
+                f"({earlier.email_id}) with different content; use a new ticket_id for a new "
+                "escalation, or repeat the original call unchanged to get its result",
+                field="ticket_id",
+            )
+        return Accepted(record=earlier, replay=True)
+
+    async def _check_recipient_cap(self, conn: AsyncConnection, address: str, now: datetime, cap: int) -> None:
+        since = now - timedelta(hours=1)
+        count = await conn.scalar(
+            select(func.count()).select_from(deliveries).where(
+                deliveries.c.address == address, deliveries.c.role == "customer",
+                deliveries.c.created_at >= since,
+            )
+        )
+        if (count or 0) >= cap:
+            raise RecipientLimitError(
+                f"customer_email has already received {count} escalation emails in the last hour "
+                f"(limit {cap}); this looks like a loop. Wait before escalating again for this customer, "
+                "or add to an existing ticket",
+                field="customer_email",
+            )
+
+    async def _next_number(self, conn: AsyncConnection, name: str) -> int:
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as upsert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
+        stmt = upsert(counters).values(name=name, value=1)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[counters.c.name], set_={"value": counters.c.value + 1}
+        ).returning(counters.c.value)
+        value = await conn.scalar(stmt)
+        assert value is not None
+        return int(value)
+
+    @staticmethod
+    def _delivery_row(
+        email_id: str, use_case: str, new: NewDelivery, created_at: datetime, give_up_at: datetime,
+        owner: str, lease_until: datetime,
+    ) -> dict[str, Any]:
+        msg = new.message
+        return {
+            "id": new.id, "email_id": email_id, "use_case": use_case, "role": new.role, "address": msg.recipients[0],
+            "message_id": msg.message_id, "status": "queued", "transport": None, "attempts": 0,
+            "next_attempt_at": created_at, "lease_owner": owner, "lease_until": lease_until,
+            "last_error": None, "provider_id": None, "created_at": created_at, "give_up_at": give_up_at, "sent_at": None,
+            "finished_at": None, "sender": msg.sender, "subject": msg.subject, "text_body": msg.text,
+            "html_body": msg.html, "headers": json.dumps(dict(msg.headers)),
+        }
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def _find(self, conn: AsyncConnection, use_case: str, ticket_id: str) -> EscalationRecord | None:
+        row = (await conn.execute(
+            select(escalations).where(escalations.c.use_case == use_case, escalations.c.ticket_id == ticket_id)
+        )).first()
+        return None if row is None else await self._with_deliveries(conn, row)
+
+    async def _with_deliveries(self, conn: AsyncConnection, row: Any) -> EscalationRecord:
+        record = EscalationRecord(**dict(row._mapping))
+        result = await conn.execute(
+            select(deliveries).where(deliveries.c.email_id == record.email_id).order_by(deliveries.c.role.desc())
+        )
+        record.deliveries = [DeliveryRecord.from_row(r) for r in result]
+        return record
+
+    async def load(self, email_id: str) -> EscalationRecord | None:
+        async with self._reader.begin() as conn:
+            row = (await conn.execute(select(escalations).where(escalations.c.email_id == email_id))).first()
+            return None if row is None else await self._with_deliveries(conn, row)
+
+    async def count_by_status(self) -> dict[str, int]:
+        async with self._reader.begin() as conn:
+            rows = await conn.execute(
+                select(deliveries.c.status, func.count()).group_by(deliveries.c.status)
+            )
+            return {status: count for status, count in rows}
+
+    async def list_deliveries(self, status: str, limit: int = 100) -> list[DeliveryRecord]:
+        async with self._reader.begin() as conn:
+            rows = await conn.execute(
+                select(deliveries).where(deliveries.c.status == status)
+                .order_by(deliveries.c.created_at).limit(limit)
+            )
+            return [DeliveryRecord.from_row(r) for r in rows]
+
+    # -- the outbox ------------------------------------------------------------------------------
+
+    async def claim_due(
+        self, *, owner: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[DeliveryRecord]:
+        """Lease up to `limit` deliveries that are due: queued ones to send, sent ones to confirm."""
+        due = and_(
+            deliveries.c.status.in_(("queued", "sent")),
+            deliveries.c.next_attempt_at.is_not(None),
+            deliveries.c.next_attempt_at <= now,
+            or_(deliveries.c.lease_until.is_(None), deliveries.c.lease_until < now),
+        )
+        async with self.engine.begin() as conn:
+            ids = list((await conn.execute(
+                select(deliveries.c.id).where(due).order_by(deliveries.c.next_attempt_at)
+                .limit(limit).with_for_update(skip_locked=True)
+            )).scalars())
+            if not ids:
+                return []
+            await conn.execute(
+                update(deliveries).where(deliveries.c.id.in_(ids), due)
+                .values(lease_owner=owner, lease_until=lease_until)
+            )
+            rows = await conn.execute(
+                select(deliveries).where(deliveries.c.id.in_(ids), deliveries.c.lease_owner == owner)
+            )
+            return [DeliveryRecord.from_row(r) for r in rows]
+
+    async def extend_lease(self, ids: Iterable[str], owner: str, lease_until: datetime) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(deliveries).where(deliveries.c.id.in_(list(ids)), deliveries.c.lease_owner == owner)
+                .values(lease_until=lease_until)
+            )
+
+    async def record(self, outcomes: Sequence[Outcome], owner: str) -> list[str]:
+        """Apply outcomes under `owner`'s lease and release it; returns ids whose lease was lost."""
+        lost: list[str] = []
+        async with self.engine.begin() as conn:
+            for o in outcomes:
+                values: dict[str, Any] = {
+                    "status": o.status, "attempts": deliveries.c.attempts + o.attempts_added,
+                    "next_attempt_at": o.next_attempt_at, "lease_owner": None, "lease_until": None,
+                    "last_error": o.error,
+                }
+                if o.transport is not None:
+                    values["transport"] = o.transport
+                for name in ("provider_id", "sent_at", "finished_at"):
+                    if getattr(o, name) is not None:
+                        values[name] = getattr(o, name)
+                result = await conn.execute(
+                    update(deliveries)
+                    .where(deliveries.c.id == o.delivery_id, deliveries.c.lease_owner == owner)
+                    .values(**values)
+                )
+                if result.rowcount == 0:
+                    lost.append(o.delivery_id)
+        return lost
+
+    async def release(self, ids: Iterable[str], owner: str) -> None:
+        """Give leased deliveries back untouched (shutdown): due again at once, for anyone."""
+        ids = list(ids)
+        if not ids:
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(deliveries).where(deliveries.c.id.in_(ids), deliveries.c.lease_owner == owner)
+                .values(lease_owner=None, lease_until=None)
+            )
+
+    async def requeue(self, ids: Sequence[str] | None, now: datetime, horizon: timedelta) -> int:
+        """Put failed deliveries back in the queue (all failed ones when `ids` is None)."""
+        where = deliveries.c.status == "failed"
+        if ids is not None:
+            where = and_(where, deliveries.c.id.in_(list(ids)))
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(deliveries).where(where).values(
+                    status="queued", next_attempt_at=now, give_up_at=now + horizon, finished_at=None,
+                    lease_owner=None, lease_until=None,
+                )
+            )
+            return int(result.rowcount or 0)
+
+    # -- transport rate limits -------------------------------------------------------------------
+
+    async def take_rate_slot(
+        self, transport: str, windows: Sequence[tuple[int, float]], now: datetime
+    ) -> float:
+        """Take one send slot for `transport` under every (count, seconds) window.
+
+        Returns 0 when the slot is taken, else how many seconds until one frees up.
+        The limiter row is locked so replicas sharing PostgreSQL see one budget.
+        """
+        longest = max(seconds for _, seconds in windows)
+        async with self.engine.begin() as conn:
+            locked = await conn.execute(
+                update(rate_limiters).where(rate_limiters.c.transport == transport).values(touched_at=now)
+            )
+            if locked.rowcount == 0:
+                try:
+                    async with conn.begin_nested():
+                        await conn.execute(insert(rate_limiters).values(transport=transport, touched_at=now))
+                except IntegrityError:
+                    await conn.execute(
+                        update(rate_limiters).where(rate_limiters.c.transport == transport)
+                        .values(touched_at=now)
+                    )
+            await conn.execute(delete(rate_events).where(
+                rate_events.c.transport == transport, rate_events.c.at <= now - timedelta(seconds=longest)
+            ))
+            wait = 0.0
+            for limit, seconds in windows:
+                in_window = rate_events.c.at > now - timedelta(seconds=seconds)
+                used = await conn.scalar(
+                    select(func.count()).select_from(rate_events)
+                    .where(rate_events.c.transport == transport, in_window)
+                ) or 0
+                if used >= limit:
+                    # The slot frees when the oldest event that keeps us at the limit leaves the window.
+                    oldest = await conn.scalar(
+                        select(rate_events.c.at).where(rate_events.c.transport == transport, in_window)
+                        .order_by(rate_events.c.at).offset(used - limit).limit(1)
+                    )
+                    if oldest is not None:
+                        wait = max(wait, (oldest + timedelta(seconds=seconds) - now).total_seconds())
+            if wait > 0:
+                return wait
+            await conn.execute(insert(rate_events).values(transport=transport, at=now))
+            return 0.0
+
+
+class _RowLike:
+    """Adapts an insert's value dict to `DeliveryRecord.from_row`."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._mapping = values
+
+
+__all__ = [
+    "Accepted",
+    "DeliveryRecord",
+    "EscalationRecord",
+    "NewDelivery",
+    "Outcome",
+    "Store",
+    "async_url",
+    "schema",
+]
