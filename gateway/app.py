@@ -73,14 +73,19 @@ class Gateway:
             for transport in self.transports.values():
                 await transport.start()
                 started.append(transport)
-            self._dispatcher = Dispatcher(self.settings, self._store, self.transports, self.metrics,
-                                          self.owner, self.rate_limits)
-            self._service = EscalationService(self.settings, self.renderer, self._store, self._dispatcher,
-                                              self.metrics)
+            self._dispatcher = Dispatcher(
+                self.settings, self._store, self.transports, self.metrics, self.owner, self.rate_limits
+            )
+            self._service = EscalationService(
+                self.settings, self.renderer, self._store, self._dispatcher, self.metrics
+            )
             if background:
                 self._dispatcher.start()
-            log.info("gateway ready: transports %s, store %s", ",".join(self.settings.transport_chain),
-                     self._store.dialect)
+            log.info(
+                "gateway ready: transports %s, store %s",
+                ",".join(self.settings.transport_chain),
+                self._store.dialect,
+            )
             yield self
         finally:
             if self._dispatcher is not None:

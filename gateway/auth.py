@@ -39,8 +39,11 @@ class StaticTokenVerifier:
         try:
             stat = self._file.stat()
         except OSError as err:
-            log.error("token file %s is unreadable (%s); only MCP_AUTH_TOKEN tokens are accepted",
-                      self._file, err.strerror)
+            log.error(
+                "token file %s is unreadable (%s); only MCP_AUTH_TOKEN tokens are accepted",
+                self._file,
+                err.strerror,
+            )
             self._file_digests = []
             return
         stamp = (stat.st_mtime, stat.st_size)

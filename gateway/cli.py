@@ -19,7 +19,10 @@ from gateway.errors import ConfigError, GatewayError, InputError
 T = TypeVar("T")
 
 config_option = click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
     help="Config file (default: $ESCALATION_CONFIG or ./config.yaml).",
 )
 
@@ -83,18 +86,22 @@ def main() -> None:
 @click.option("--host", default=None, help="Bind address (default 127.0.0.1, or $HOST).")
 @click.option("--port", type=int, default=None, help="Port (default 8078, or $PORT).")
 @click.option("--stdio", is_flag=True, help="Serve MCP over stdin/stdout instead of HTTP.")
-@click.option("--insecure-no-auth", is_flag=True,
-              help="Allow a non-loopback bind without MCP_AUTH_TOKEN (anyone who reaches it can send mail).")
+@click.option(
+    "--insecure-no-auth",
+    is_flag=True,
+    help="Allow a non-loopback bind without MCP_AUTH_TOKEN (anyone who reaches it can send mail).",
+)
 @handles_errors
-def serve(config_path: Path | None, host: str | None, port: int | None, stdio: bool, insecure_no_auth: bool) -> None:
+def serve(
+    config_path: Path | None, host: str | None, port: int | None, stdio: bool, insecure_no_auth: bool
+) -> None:
     """Run the MCP server (streamable HTTP at /mcp, or stdio)."""
     settings = _settings(config_path, **{"server.host": host, "server.port": port})
     gateway = _gateway(settings)
     from gateway.mcp_server import build_http_app, build_server, is_loopback
 
     if stdio:
-        server = build_server(gateway)
-        asyncio.run(server.run_stdio_async())
+        asyncio.run(build_server(gateway).run_stdio_async())
         return
     has_token = bool(settings.server.auth_tokens) or settings.server.auth_token_file is not None
     if not is_loopback(settings.server.host) and not has_token and not insecure_no_auth:
@@ -107,12 +114,19 @@ def serve(config_path: Path | None, host: str | None, port: int | None, stdio: b
 
     app = build_http_app(gateway)
     config = uvicorn.Config(
-        app, host=settings.server.host, port=settings.server.port, log_config=None,
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_config=None,
         timeout_graceful_shutdown=max(1, int(settings.server.shutdown_grace_seconds)),
-        server_header=False, lifespan="on",
+        server_header=False,
+        lifespan="on",
     )
-    click.echo(f"EscalationComms serving MCP at http://{settings.server.host}:{settings.server.port}/mcp "
-               f"(transports: {','.join(settings.transport_chain)})", err=True)
+    click.echo(
+        f"EscalationComms serving MCP at http://{settings.server.host}:{settings.server.port}/mcp "
+        f"(transports: {','.join(settings.transport_chain)})",
+        err=True,
+    )
     server = uvicorn.Server(config)
     server.run()
     if not server.started:
@@ -128,16 +142,27 @@ def serve(config_path: Path | None, host: str | None, port: int | None, stdio: b
 @click.option("--query", required=True)
 @click.option("--reason", required=True)
 @handles_errors
-def send(config_path: Path | None, use_case: str, ticket_id: str, customer_id: str, customer_email: str,
-         query: str, reason: str) -> None:
+def send(
+    config_path: Path | None,
+    use_case: str,
+    ticket_id: str,
+    customer_id: str,
+    customer_email: str,
+    query: str,
+    reason: str,
+) -> None:
     """Escalate one ticket, as the sendemail tool would; prints the tool's JSON."""
     gateway = _gateway(_settings(config_path))
 
     async def go() -> dict[str, Any]:
         async with gateway.running(background=False):
             result = await gateway.service.sendemail(
-                ticket_id=ticket_id, customer_id=customer_id, customer_email=customer_email,
-                query=query, use_case=use_case, reason=reason,
+                ticket_id=ticket_id,
+                customer_id=customer_id,
+                customer_email=customer_email,
+                query=query,
+                use_case=use_case,
+                reason=reason,
             )
             return result.model_dump(mode="json")
 
@@ -166,16 +191,24 @@ def check(config_path: Path | None) -> None:
     """Validate config, compile and render every template, check each transport's settings."""
     settings = _settings(config_path)
     gateway = _gateway(settings)
-    click.echo(f"config OK: use cases {', '.join(settings.use_cases)}; "
-               f"transports {' -> '.join(settings.transport_chain)}; "
-               f"templates render in {gateway.renderer.slowest_render_seconds * 1000:.1f} ms at most")
+    click.echo(
+        f"config OK: use cases {', '.join(settings.use_cases)}; "
+        f"transports {' -> '.join(settings.transport_chain)}; "
+        f"templates render in {gateway.renderer.slowest_render_seconds * 1000:.1f} ms at most"
+    )
 
 
 @main.command()
 @config_option
 @click.option("--use-case", "use_cases", multiple=True, help="Only these use cases (repeatable).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("var/preview"),
-              show_default=True, help="Where to write the gallery.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("var/preview"),
+    show_default=True,
+    help="Where to write the gallery.",
+)
 @handles_errors
 def preview(config_path: Path | None, use_cases: tuple[str, ...], out_dir: Path) -> None:
     """Render every email with sample data into a browsable gallery (index.html)."""
@@ -197,8 +230,13 @@ def deliveries() -> None:
 
 @deliveries.command("list")
 @config_option
-@click.option("--status", "wanted", type=click.Choice(["failed", "queued", "sent", "delivered"]),
-              default="failed", show_default=True)
+@click.option(
+    "--status",
+    "wanted",
+    type=click.Choice(["failed", "queued", "sent", "delivered"]),
+    default="failed",
+    show_default=True,
+)
 @click.option("--limit", type=int, default=100, show_default=True)
 @handles_errors
 def list_deliveries(config_path: Path | None, wanted: str, limit: int) -> None:
@@ -208,9 +246,19 @@ def list_deliveries(config_path: Path | None, wanted: str, limit: int) -> None:
     async def go() -> list[dict[str, Any]]:
         async with gateway.running(background=False):
             found = await gateway.store.list_deliveries(wanted, limit)
-        return [{"delivery_id": d.id, "email_id": d.email_id, "role": d.role, "address": d.address,
-                 "status": d.status, "transport": d.transport, "attempts": d.attempts, "error": d.last_error}
-                for d in found]
+        return [
+            {
+                "delivery_id": d.id,
+                "email_id": d.email_id,
+                "role": d.role,
+                "address": d.address,
+                "status": d.status,
+                "transport": d.transport,
+                "attempts": d.attempts,
+                "error": d.last_error,
+            }
+            for d in found
+        ]
 
     for row in _run(go()):
         click.echo(json.dumps(row, ensure_ascii=False))
@@ -234,6 +282,8 @@ def requeue(config_path: Path | None, delivery_ids: tuple[str, ...], requeue_all
 
         async with gateway.running(background=False):
             horizon = timedelta(hours=gateway.settings.email.retry_horizon_hours)
-            return await gateway.store.requeue(None if requeue_all else list(delivery_ids), now_utc(), horizon)
+            return await gateway.store.requeue(
+                None if requeue_all else list(delivery_ids), now_utc(), horizon
+            )
 
     click.echo(f"requeued {_run(go())} deliveries")

@@ -10,14 +10,15 @@ failed. The same loop asks tracking transports (ACS) for delivery confirmation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from tenacity import (
@@ -58,7 +59,8 @@ def parse_rate_limits(name: str, raw: Any) -> list[tuple[int, float]]:
         match = re.fullmatch(r"\s*(\d+)\s*/\s*(second|minute|hour|day)s?\s*", str(item))
         if not match or int(match.group(1)) < 1:
             raise ConfigError(
-                f"transports.{name}.rate_limits: {item!r} is not a rate; write it like '30/minute' or '100/hour'"
+                f"transports.{name}.rate_limits: {item!r} is not a rate; "
+                "write it like '30/minute' or '100/hour'"
             )
         windows.append((int(match.group(1)), _UNITS[match.group(2)]))
     return windows
@@ -119,7 +121,9 @@ class Dispatcher:
     def lease_until(self, now: datetime) -> datetime:
         return now + self.lease
 
-    async def send_now(self, records: Sequence[DeliveryRecord], context: dict[str, Any]) -> list[DeliveryRecord]:
+    async def send_now(
+        self, records: Sequence[DeliveryRecord], context: dict[str, Any]
+    ) -> list[DeliveryRecord]:
         """Send freshly recorded (and leased) deliveries concurrently; record and return them."""
         outcomes = await asyncio.gather(*(self._deliver(r, inline=True, context=context) for r in records))
         await self._record(outcomes)
@@ -148,10 +152,15 @@ class Dispatcher:
             except PermanentDeliveryError as err:
                 last = err
                 if err.transport_level:
-                    log.warning("transport unusable, failing over: %s", err,
-                                extra={**extra, "transport": transport.name})
+                    log.warning(
+                        "transport unusable, failing over: %s",
+                        err,
+                        extra={**extra, "transport": transport.name},
+                    )
                     continue
-                log.warning("delivery failed permanently: %s", err, extra={**extra, "transport": transport.name})
+                log.warning(
+                    "delivery failed permanently: %s", err, extra={**extra, "transport": transport.name}
+                )
                 return self._failed(record, tally, transport.name, str(err))
             except TransientDeliveryError as err:
                 last = err
@@ -202,7 +211,12 @@ class Dispatcher:
             await asyncio.sleep(wait)
 
     async def _attempt(
-        self, transport: Transport, message: OutgoingMessage, deadline: float, attempt: int, extra: dict[str, Any]
+        self,
+        transport: Transport,
+        message: OutgoingMessage,
+        deadline: float,
+        attempt: int,
+        extra: dict[str, Any],
     ) -> Receipt:
         name = transport.name
         remaining = deadline - time.monotonic()
@@ -222,8 +236,12 @@ class Dispatcher:
             raise
         except Exception as err:  # a transport bug must not lose the escalation
             self.metrics.send_attempts.labels(name, "transient").inc()
-            log.exception("transport %s raised an unmapped %s", name, type(err).__name__,
-                          extra={**extra, "transport": name})
+            log.exception(
+                "transport %s raised an unmapped %s",
+                name,
+                type(err).__name__,
+                extra={**extra, "transport": name},
+            )
             raise TransientDeliveryError(f"{name} failed unexpectedly ({type(err).__name__})") from err
         elapsed = time.monotonic() - started
         self.metrics.send_attempts.labels(name, "ok").inc()
@@ -233,7 +251,12 @@ class Dispatcher:
     # -- outcomes --------------------------------------------------------------------------------
 
     def _sent(
-        self, record: DeliveryRecord, tally: _Tally, transport: Transport, receipt: Receipt, seconds: float,
+        self,
+        record: DeliveryRecord,
+        tally: _Tally,
+        transport: Transport,
+        receipt: Receipt,
+        seconds: float,
         extra: dict[str, Any],
     ) -> Outcome:
         now = now_utc()
@@ -241,23 +264,48 @@ class Dispatcher:
         if receipt.status == "sent" and transport.tracks_delivery:
             check_at = now + timedelta(seconds=self.settings.dispatcher.first_status_check_seconds)
         who = "customer" if record.role == "customer" else "support team"
-        log.info("Email sent to %s: %s", who, _shown(record),
-                 extra={**extra, "transport": transport.name, "attempt": tally.attempts,
-                        "duration_ms": round(seconds * 1000, 1)})
+        log.info(
+            "Email sent to %s: %s",
+            who,
+            _shown(record),
+            extra={
+                **extra,
+                "transport": transport.name,
+                "attempt": tally.attempts,
+                "duration_ms": round(seconds * 1000, 1),
+            },
+        )
         return Outcome(
-            delivery_id=record.id, status=receipt.status, transport=transport.name,
-            attempts_added=tally.attempts, next_attempt_at=check_at, provider_id=receipt.provider_id,
-            sent_at=now, finished_at=now if receipt.status == "delivered" else None,
+            delivery_id=record.id,
+            status=receipt.status,
+            transport=transport.name,
+            attempts_added=tally.attempts,
+            next_attempt_at=check_at,
+            provider_id=receipt.provider_id,
+            sent_at=now,
+            finished_at=now if receipt.status == "delivered" else None,
         )
 
     def _failed(self, record: DeliveryRecord, tally: _Tally, transport: str, error: str) -> Outcome:
         now = now_utc()
-        return Outcome(delivery_id=record.id, status="failed", transport=transport,
-                       attempts_added=tally.attempts, error=error, finished_at=now)
+        return Outcome(
+            delivery_id=record.id,
+            status="failed",
+            transport=transport,
+            attempts_added=tally.attempts,
+            error=error,
+            finished_at=now,
+        )
 
     def _queued(
-        self, record: DeliveryRecord, tally: _Tally, transport: str, error: str, retry_after: float | None,
-        *, backoff: bool = False,
+        self,
+        record: DeliveryRecord,
+        tally: _Tally,
+        transport: str,
+        error: str,
+        retry_after: float | None,
+        *,
+        backoff: bool = False,
     ) -> Outcome:
         now = now_utc()
         delay = retry_after or 0.0
@@ -267,8 +315,14 @@ class Dispatcher:
         if next_at > record.give_up_at:
             attempts = record.attempts + tally.attempts
             return self._failed(record, tally, transport, f"gave up after {attempts} attempts: {error}")
-        return Outcome(delivery_id=record.id, status="queued", transport=transport,
-                       attempts_added=tally.attempts, next_attempt_at=next_at, error=error)
+        return Outcome(
+            delivery_id=record.id,
+            status="queued",
+            transport=transport,
+            attempts_added=tally.attempts,
+            next_attempt_at=next_at,
+            error=error,
+        )
 
     def _backoff(self, attempts: int) -> float:
         cap = self.settings.dispatcher.max_backoff_seconds
@@ -278,8 +332,11 @@ class Dispatcher:
     async def _record(self, outcomes: Sequence[Outcome]) -> None:
         lost = await self.store.record(outcomes, self.owner)
         for delivery_id in lost:
-            log.error("lease on delivery %s was lost before its outcome was recorded; another process "
-                      "may send it again (raise EMAIL_TIMEOUT_SECONDS or check clocks)", delivery_id)
+            log.error(
+                "lease on delivery %s was lost before its outcome was recorded; another process "
+                "may send it again (raise EMAIL_TIMEOUT_SECONDS or check clocks)",
+                delivery_id,
+            )
 
     # -- background loop -------------------------------------------------------------------------
 
@@ -296,10 +353,8 @@ class Dispatcher:
                 await self._tick()
             except Exception:
                 log.exception("dispatcher round failed; trying again in %.1fs", interval)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=interval)
-            except TimeoutError:
-                pass
             self._wake.clear()
 
     async def _tick(self) -> None:
@@ -311,7 +366,9 @@ class Dispatcher:
             return
         now = now_utc()
         due = await self.store.claim_due(
-            owner=self.owner, now=now, lease_until=self.lease_until(now),
+            owner=self.owner,
+            now=now,
+            lease_until=self.lease_until(now),
             limit=min(free, self.settings.dispatcher.batch_size),
         )
         for record in due:
@@ -329,13 +386,20 @@ class Dispatcher:
         await self._record([outcome])
 
     def _count(self, record: DeliveryRecord, outcome: Outcome) -> None:
-        self.metrics.emails.labels(record.use_case, record.role, outcome.transport or "none",
-                                   outcome.status).inc()
+        self.metrics.emails.labels(
+            record.use_case, record.role, outcome.transport or "none", outcome.status
+        ).inc()
 
     async def _confirm(self, record: DeliveryRecord) -> Outcome:
         """Ask a tracking transport whether an accepted message was delivered."""
-        keep = partial(Outcome, delivery_id=record.id, status=record.status, transport=record.transport,
-                       attempts_added=0, error=record.last_error)
+        keep = partial(
+            Outcome,
+            delivery_id=record.id,
+            status=record.status,
+            transport=record.transport,
+            attempts_added=0,
+            error=record.last_error,
+        )
         transport = next((t for t in self.chain if t.name == record.transport), None)
         if transport is None or not transport.tracks_delivery:
             return keep()  # nobody can confirm it: stop asking
@@ -349,7 +413,8 @@ class Dispatcher:
         if update.status in ("delivered", "failed"):
             if update.status == "delivered" and record.sent_at is not None:
                 self.metrics.confirmation_latency.labels(transport.name).observe(
-                    (now - record.sent_at).total_seconds())
+                    (now - record.sent_at).total_seconds()
+                )
             self.metrics.emails.labels(record.use_case, record.role, transport.name, update.status).inc()
             return keep(status=update.status, error=update.error, finished_at=now)
         # Not final yet: ask again, less often as the message ages, never past the horizon.

@@ -14,8 +14,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 #: `extra` keys rendered by the formatters, in this order
-CONTEXT_KEYS = ("ticket_id", "email_id", "use_case", "role", "transport", "attempt", "duration_ms",
-                "recipient", "status", "error")
+CONTEXT_KEYS = (
+    "ticket_id",
+    "email_id",
+    "use_case",
+    "role",
+    "transport",
+    "attempt",
+    "duration_ms",
+    "recipient",
+    "status",
+    "error",
+)
 
 #: third-party loggers that are chatty (azure-core logs every request at INFO) or could echo payloads
 QUIET_LOGGERS = {

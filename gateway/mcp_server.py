@@ -13,7 +13,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.types import ToolAnnotations
-from pydantic import Field
+from pydantic import AnyHttpUrl, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -78,7 +78,7 @@ def build_server(gateway: Gateway, verifier: StaticTokenVerifier | None = None) 
 
     auth = None
     if verifier is not None and verifier.enabled:
-        base = f"http://{settings.server.host}:{settings.server.port}"
+        base = AnyHttpUrl(f"http://{settings.server.host}:{settings.server.port}")
         auth = AuthSettings(issuer_url=base, resource_server_url=None)
     else:
         verifier = None
@@ -99,7 +99,10 @@ def build_server(gateway: Gateway, verifier: StaticTokenVerifier | None = None) 
         description=SENDEMAIL_DESCRIPTION,
         annotations=ToolAnnotations(
             title="Escalate to human support by email",
-            read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True,
+            read_only_hint=False,
+            destructive_hint=False,
+            idempotent_hint=True,
+            open_world_hint=True,
         ),
     )
     async def sendemail(
@@ -107,14 +110,23 @@ def build_server(gateway: Gateway, verifier: StaticTokenVerifier | None = None) 
         customer_id: Annotated[str, Field(description="Customer identifier, e.g. CUST-001")],
         customer_email: Annotated[str, Field(description="Customer's email address")],
         query: Annotated[str, Field(description="The customer's original question, as they asked it")],
-        use_case: Annotated[str, Field(description="The escalating use case, e.g. UC2 (product FAQ) or UC3 "
-                                                   "(money coach); a configured use case")],
+        use_case: Annotated[
+            str,
+            Field(
+                description="The escalating use case, e.g. UC2 (product FAQ) or UC3 "
+                "(money coach); a configured use case"
+            ),
+        ],
         reason: Annotated[str, Field(description="Why a human is needed, e.g. 'Out of scope - ...'")],
     ) -> EscalationResult:
         try:
             return await gateway.service.sendemail(
-                ticket_id=ticket_id, customer_id=customer_id, customer_email=customer_email,
-                query=query, use_case=use_case, reason=reason,
+                ticket_id=ticket_id,
+                customer_id=customer_id,
+                customer_email=customer_email,
+                query=query,
+                use_case=use_case,
+                reason=reason,
             )
         except InputError as err:
             raise ToolError(str(err)) from None
@@ -125,11 +137,16 @@ def build_server(gateway: Gateway, verifier: StaticTokenVerifier | None = None) 
         description=STATUS_DESCRIPTION,
         annotations=ToolAnnotations(
             title="Delivery status of an escalation",
-            read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False,
+            read_only_hint=True,
+            destructive_hint=False,
+            idempotent_hint=True,
+            open_world_hint=False,
         ),
     )
     async def get_email_status(
-        email_id: Annotated[str, Field(description="The email_id from sendemail, e.g. EMAIL-UC2-20251107-001")],
+        email_id: Annotated[
+            str, Field(description="The email_id from sendemail, e.g. EMAIL-UC2-20251107-001")
+        ],
     ) -> EscalationResult:
         try:
             return await gateway.service.status(email_id)
@@ -150,20 +167,24 @@ def _add_routes(mcp: MCPServer, gateway: Gateway, verifier: StaticTokenVerifier 
     @mcp.custom_route("/readyz", methods=["GET"], include_in_schema=False)
     async def readyz(_request: Request) -> Response:
         ready, checks = await gateway.readiness()
-        return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
-                            status_code=200 if ready else 503)
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
+        )
 
     @mcp.custom_route("/metrics", methods=["GET"], include_in_schema=False)
     async def metrics(request: Request) -> Response:
         if protect_metrics and verifier is not None:
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not verifier.matches(token.strip()):
-                return PlainTextResponse("bearer token required", status_code=401,
-                                         headers={"WWW-Authenticate": "Bearer"})
+                return PlainTextResponse(
+                    "bearer token required", status_code=401, headers={"WWW-Authenticate": "Bearer"}
+                )
         return Response(gateway.metrics.exposition(), media_type=gateway.metrics.content_type)
 
 
-def transport_security(gateway: Gateway, verifier: StaticTokenVerifier | None) -> TransportSecuritySettings | None:
+def transport_security(
+    gateway: Gateway, verifier: StaticTokenVerifier | None
+) -> TransportSecuritySettings | None:
     """Host/Origin checks: the SDK's defaults on loopback, the configured lists elsewhere."""
     server = gateway.settings.server
     if server.allowed_hosts:
@@ -174,8 +195,11 @@ def transport_security(gateway: Gateway, verifier: StaticTokenVerifier | None) -
         )
     if _is_loopback(server.host):
         return None  # the SDK turns protection on for loopback itself
-    log.warning("server.allowed_hosts is empty for a %s bind: Host and Origin are not checked; "
-                "list the names clients use to reach this server", server.host)
+    log.warning(
+        "server.allowed_hosts is empty for a %s bind: Host and Origin are not checked; "
+        "list the names clients use to reach this server",
+        server.host,
+    )
     return TransportSecuritySettings(enable_dns_rebinding_protection=False)
 
 

@@ -21,36 +21,53 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.escalations = Counter(
-            "escalation_requests", "sendemail calls by use case and result (accepted, replay, rejected)",
-            ["use_case", "result"], registry=r,
+            "escalation_requests",
+            "sendemail calls by use case and result (accepted, replay, rejected)",
+            ["use_case", "result"],
+            registry=r,
         )
         self.emails = Counter(
-            "escalation_emails", "Delivery outcomes by use case, role, transport and outcome "
-            "(sent, delivered, failed, queued)",
-            ["use_case", "role", "transport", "outcome"], registry=r,
+            "escalation_emails",
+            "Delivery outcomes by use case, role, transport and outcome (sent, delivered, failed, queued)",
+            ["use_case", "role", "transport", "outcome"],
+            registry=r,
         )
         self.send_attempts = Counter(
-            "escalation_send_attempts", "Calls to a transport's send, by transport and result "
-            "(ok, transient, permanent)", ["transport", "result"], registry=r,
+            "escalation_send_attempts",
+            "Calls to a transport's send, by transport and result (ok, transient, permanent)",
+            ["transport", "result"],
+            registry=r,
         )
         self.retries = Counter(
-            "escalation_send_retries", "Retries after a transient failure, by transport", ["transport"], registry=r,
+            "escalation_send_retries",
+            "Retries after a transient failure, by transport",
+            ["transport"],
+            registry=r,
         )
         self.send_latency = Histogram(
-            "escalation_send_duration_seconds", "Time a transport took to accept one message",
-            ["transport"], buckets=LATENCY_BUCKETS, registry=r,
+            "escalation_send_duration_seconds",
+            "Time a transport took to accept one message",
+            ["transport"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.render_latency = Histogram(
-            "escalation_render_duration_seconds", "Time to render both emails of one escalation",
-            buckets=RENDER_BUCKETS, registry=r,
+            "escalation_render_duration_seconds",
+            "Time to render both emails of one escalation",
+            buckets=RENDER_BUCKETS,
+            registry=r,
         )
         self.confirmation_latency = Histogram(
             "escalation_delivery_confirmation_seconds",
-            "From acceptance to the provider's delivery confirmation", ["transport"],
-            buckets=CONFIRM_BUCKETS, registry=r,
+            "From acceptance to the provider's delivery confirmation",
+            ["transport"],
+            buckets=CONFIRM_BUCKETS,
+            registry=r,
         )
         self.deliveries = Gauge(
-            "escalation_deliveries", "Deliveries in the store by status (queued = pending)", ["status"],
+            "escalation_deliveries",
+            "Deliveries in the store by status (queued = pending)",
+            ["status"],
             registry=r,
         )
 

@@ -58,7 +58,7 @@ def overall_status(statuses: Sequence[str]) -> OverallStatus:
 
 def _view(d: DeliveryRecord) -> DeliveryView:
     return DeliveryView(
-        role=d.role,  # type: ignore[arg-type]
+        role=d.role,
         address=d.address,
         status=d.status,
         transport=d.transport,
@@ -76,8 +76,9 @@ def result_of(record: EscalationRecord, zone: tzinfo, *, replay: bool = False) -
         sent_at=record.created_at.astimezone(zone).isoformat(timespec="seconds"),
         ticket_id=record.ticket_id,
         use_case=record.use_case,
-        recipients=Recipients(customer=record.delivery("customer").address,
-                              bank_team=record.delivery("bank_team").address),
+        recipients=Recipients(
+            customer=record.delivery("customer").address, bank_team=record.delivery("bank_team").address
+        ),
         replay=replay,
         deliveries=[_view(d) for d in ordered],
     )

@@ -51,7 +51,7 @@ def write_gallery(renderer: Renderer, out_dir: Path, use_cases: list[str] | None
             (out_dir / f"{stem}.html").write_text(email.html, encoding="utf-8")
             (out_dir / f"{stem}.txt").write_text(email.text, encoding="utf-8")
             frames = "".join(
-                f'<figure><figcaption>{label} ({width} px)</figcaption>'
+                f"<figure><figcaption>{label} ({width} px)</figcaption>"
                 f'<iframe class="frame-{width}" title="{stem} {label}" src="{stem}.html" '
                 f'width="{width}"></iframe></figure>'
                 for label, width in FRAMES
@@ -65,8 +65,11 @@ def write_gallery(renderer: Renderer, out_dir: Path, use_cases: list[str] | None
         sections.append("\n".join(blocks))
     index = out_dir / "index.html"
     index.write_text(
-        PAGE.format(generated=now.strftime("%Y-%m-%d %H:%M %Z"), ticket=SAMPLE_REQUEST["ticket_id"],
-                    sections="\n".join(sections)),
+        PAGE.format(
+            generated=now.strftime("%Y-%m-%d %H:%M %Z"),
+            ticket=SAMPLE_REQUEST["ticket_id"],
+            sections="\n".join(sections),
+        ),
         encoding="utf-8",
     )
     return index

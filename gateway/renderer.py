@@ -30,11 +30,13 @@ PRIORITY_COLOURS = {"low": "#4b5563", "normal": "#2563eb", "high": "#d97706", "u
 
 #: Tags mjml-python knows. It passes unknown tags through silently, so we refuse them here.
 MJML_TAGS = frozenset(
-    "mjml mj-head mj-body mj-attributes mj-all mj-class mj-breakpoint mj-font mj-html-attributes "
-    "mj-html-attribute mj-selector mj-preview mj-style mj-title mj-accordion mj-accordion-element "
-    "mj-accordion-text mj-accordion-title mj-button mj-carousel mj-carousel-image mj-column mj-divider "
-    "mj-group mj-hero mj-image mj-include mj-navbar mj-navbar-link mj-raw mj-section mj-social "
-    "mj-social-element mj-spacer mj-table mj-text mj-wrapper".split()
+    """
+    mjml mj-head mj-body mj-attributes mj-all mj-class mj-breakpoint mj-font mj-html-attributes
+    mj-html-attribute mj-selector mj-preview mj-style mj-title mj-accordion mj-accordion-element
+    mj-accordion-text mj-accordion-title mj-button mj-carousel mj-carousel-image mj-column mj-divider
+    mj-group mj-hero mj-image mj-include mj-navbar mj-navbar-link mj-raw mj-section mj-social
+    mj-social-element mj-spacer mj-table mj-text mj-wrapper
+    """.split()
 )
 
 SAMPLE_REQUEST = {
@@ -177,7 +179,9 @@ class Renderer:
 
     # -- per request -------------------------------------------------------------------------------
 
-    def render(self, use_case: str, role: str, request: Mapping[str, str], created_at: datetime) -> RenderedEmail:
+    def render(
+        self, use_case: str, role: str, request: Mapping[str, str], created_at: datetime
+    ) -> RenderedEmail:
         email = self._emails[(use_case, role)]
         link_values = {
             "ticket_id": request["ticket_id"],

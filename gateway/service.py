@@ -37,7 +37,9 @@ class EscalationService:
         self.dispatcher = dispatcher
         self.metrics = metrics
         v = settings.validation
-        self.limits = Limits(v.ticket_id_pattern, v.customer_id_pattern, v.query_max_chars, v.reason_max_chars)
+        self.limits = Limits(
+            v.ticket_id_pattern, v.customer_id_pattern, v.query_max_chars, v.reason_max_chars
+        )
         self._domain = settings.email.sender.rpartition("@")[2]
 
     def use_case_of(self, value: object) -> str:
@@ -57,8 +59,12 @@ class EscalationService:
         try:
             name = self.use_case_of(use_case)
             request = check_request(
-                ticket_id=ticket_id, customer_id=customer_id, customer_email=customer_email,
-                query=query, reason=reason, limits=self.limits,
+                ticket_id=ticket_id,
+                customer_id=customer_id,
+                customer_email=customer_email,
+                query=query,
+                reason=reason,
+                limits=self.limits,
             )
         except InputError:
             self.metrics.escalations.labels(name or "unknown", "rejected").inc()
@@ -74,11 +80,16 @@ class EscalationService:
 
         try:
             accepted = await self.store.accept(
-                use_case=name, ticket_id=request["ticket_id"], customer_id=request["customer_id"],
-                payload_hash=_payload_hash(name, request), created_at=created_at,
-                local_day=local.strftime("%Y%m%d"), new_deliveries=messages,
+                use_case=name,
+                ticket_id=request["ticket_id"],
+                customer_id=request["customer_id"],
+                payload_hash=_payload_hash(name, request),
+                created_at=created_at,
+                local_day=local.strftime("%Y%m%d"),
+                new_deliveries=messages,
                 recipient_cap=self.settings.email.per_recipient_hourly_cap,
-                lease_owner=self.dispatcher.owner, lease_until=self.dispatcher.lease_until(created_at),
+                lease_owner=self.dispatcher.owner,
+                lease_until=self.dispatcher.lease_until(created_at),
                 give_up_at=created_at + timedelta(hours=self.settings.email.retry_horizon_hours),
             )
         except InputError:
@@ -94,10 +105,16 @@ class EscalationService:
         self.metrics.escalations.labels(name, "accepted").inc()
         record.deliveries = await self.dispatcher.send_now(record.deliveries, context)
         for delivery in record.deliveries:
-            self.metrics.emails.labels(name, delivery.role, delivery.transport or "none", delivery.status).inc()
+            self.metrics.emails.labels(
+                name, delivery.role, delivery.transport or "none", delivery.status
+            ).inc()
         result = result_of(record, self.settings.zone)
-        log.info("Escalation %s: %s", record.email_id, result.status, extra={**context, "status": result.status,
-                 "recipient": mask_address(request["customer_email"])})
+        log.info(
+            "Escalation %s: %s",
+            record.email_id,
+            result.status,
+            extra={**context, "status": result.status, "recipient": mask_address(request["customer_email"])},
+        )
         return result
 
     async def status(self, email_id: str) -> EscalationResult:

@@ -86,7 +86,9 @@ def check_request(
         "customer_id": _identifier("customer_id", customer_id, limits.customer_id_pattern, "CUST-001"),
     }
     if not isinstance(customer_email, str):
-        raise InputError("customer_email is required (for example customer@example.com)", field="customer_email")
+        raise InputError(
+            "customer_email is required (for example customer@example.com)", field="customer_email"
+        )
     try:
         cleaned["customer_email"] = check_address(customer_email)
     except ValueError as err:

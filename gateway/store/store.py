@@ -217,21 +217,35 @@ class Store:
                     if earlier is not None:
                         return self._replay(earlier, payload_hash)
                     customer = next(d for d in new_deliveries if d.role == "customer")
-                    await self._check_recipient_cap(conn, customer.message.recipients[0], created_at,
-                                                    recipient_cap)
+                    await self._check_recipient_cap(
+                        conn, customer.message.recipients[0], created_at, recipient_cap
+                    )
                     number = await self._next_number(conn, f"{use_case}:{local_day}")
                     email_id = f"EMAIL-{use_case}-{local_day}-{number:03d}"
-                    await conn.execute(insert(escalations).values(
-                        email_id=email_id, use_case=use_case, ticket_id=ticket_id, customer_id=customer_id,
-                        payload_hash=payload_hash, created_at=created_at,
-                    ))
-                    rows = [self._delivery_row(email_id, use_case, d, created_at, give_up_at,
-                                               lease_owner, lease_until)
-                            for d in new_deliveries]
+                    await conn.execute(
+                        insert(escalations).values(
+                            email_id=email_id,
+                            use_case=use_case,
+                            ticket_id=ticket_id,
+                            customer_id=customer_id,
+                            payload_hash=payload_hash,
+                            created_at=created_at,
+                        )
+                    )
+                    rows = [
+                        self._delivery_row(
+                            email_id, use_case, d, created_at, give_up_at, lease_owner, lease_until
+                        )
+                        for d in new_deliveries
+                    ]
                     await conn.execute(insert(deliveries), rows)
                 record = EscalationRecord(
-                    email_id=email_id, use_case=use_case, ticket_id=ticket_id, customer_id=customer_id,
-                    payload_hash=payload_hash, created_at=created_at,
+                    email_id=email_id,
+                    use_case=use_case,
+                    ticket_id=ticket_id,
+                    customer_id=customer_id,
+                    payload_hash=payload_hash,
+                    created_at=created_at,
                     deliveries=[DeliveryRecord.from_row(_RowLike(row)) for row in rows],
                 )
                 return Accepted(record=record, replay=False)
@@ -251,11 +265,16 @@ class Store:
             )
         return Accepted(record=earlier, replay=True)
 
-    async def _check_recipient_cap(self, conn: AsyncConnection, address: str, now: datetime, cap: int) -> None:
+    async def _check_recipient_cap(
+        self, conn: AsyncConnection, address: str, now: datetime, cap: int
+    ) -> None:
         since = now - timedelta(hours=1)
         count = await conn.scalar(
-            select(func.count()).select_from(deliveries).where(
-                deliveries.c.address == address, deliveries.c.role == "customer",
+            select(func.count())
+            .select_from(deliveries)
+            .where(
+                deliveries.c.address == address,
+                deliveries.c.role == "customer",
                 deliveries.c.created_at >= since,
             )
         )
@@ -272,41 +291,71 @@ class Store:
             from sqlalchemy.dialects.postgresql import insert as upsert
         else:
             from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
-        stmt = upsert(counters).values(name=name, value=1)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[counters.c.name], set_={"value": counters.c.value + 1}
-        ).returning(counters.c.value)
+        stmt = (
+            upsert(counters)
+            .values(name=name, value=1)
+            .on_conflict_do_update(index_elements=[counters.c.name], set_={"value": counters.c.value + 1})
+            .returning(counters.c.value)
+        )
         value = await conn.scalar(stmt)
         assert value is not None
         return int(value)
 
     @staticmethod
     def _delivery_row(
-        email_id: str, use_case: str, new: NewDelivery, created_at: datetime, give_up_at: datetime,
-        owner: str, lease_until: datetime,
+        email_id: str,
+        use_case: str,
+        new: NewDelivery,
+        created_at: datetime,
+        give_up_at: datetime,
+        owner: str,
+        lease_until: datetime,
     ) -> dict[str, Any]:
         msg = new.message
         return {
-            "id": new.id, "email_id": email_id, "use_case": use_case, "role": new.role, "address": msg.recipients[0],
-            "message_id": msg.message_id, "status": "queued", "transport": None, "attempts": 0,
-            "next_attempt_at": created_at, "lease_owner": owner, "lease_until": lease_until,
-            "last_error": None, "provider_id": None, "created_at": created_at, "give_up_at": give_up_at, "sent_at": None,
-            "finished_at": None, "sender": msg.sender, "subject": msg.subject, "text_body": msg.text,
-            "html_body": msg.html, "headers": json.dumps(dict(msg.headers)),
+            "id": new.id,
+            "email_id": email_id,
+            "use_case": use_case,
+            "role": new.role,
+            "address": msg.recipients[0],
+            "message_id": msg.message_id,
+            "status": "queued",
+            "transport": None,
+            "attempts": 0,
+            "next_attempt_at": created_at,
+            "lease_owner": owner,
+            "lease_until": lease_until,
+            "last_error": None,
+            "provider_id": None,
+            "created_at": created_at,
+            "give_up_at": give_up_at,
+            "sent_at": None,
+            "finished_at": None,
+            "sender": msg.sender,
+            "subject": msg.subject,
+            "text_body": msg.text,
+            "html_body": msg.html,
+            "headers": json.dumps(dict(msg.headers)),
         }
 
     # -- reading ---------------------------------------------------------------------------------
 
     async def _find(self, conn: AsyncConnection, use_case: str, ticket_id: str) -> EscalationRecord | None:
-        row = (await conn.execute(
-            select(escalations).where(escalations.c.use_case == use_case, escalations.c.ticket_id == ticket_id)
-        )).first()
+        row = (
+            await conn.execute(
+                select(escalations).where(
+                    escalations.c.use_case == use_case, escalations.c.ticket_id == ticket_id
+                )
+            )
+        ).first()
         return None if row is None else await self._with_deliveries(conn, row)
 
     async def _with_deliveries(self, conn: AsyncConnection, row: Any) -> EscalationRecord:
         record = EscalationRecord(**dict(row._mapping))
         result = await conn.execute(
-            select(deliveries).where(deliveries.c.email_id == record.email_id).order_by(deliveries.c.role.desc())
+            select(deliveries)
+            .where(deliveries.c.email_id == record.email_id)
+            .order_by(deliveries.c.role.desc())
         )
         record.deliveries = [DeliveryRecord.from_row(r) for r in result]
         return record
@@ -318,16 +367,16 @@ class Store:
 
     async def count_by_status(self) -> dict[str, int]:
         async with self._reader.begin() as conn:
-            rows = await conn.execute(
-                select(deliveries.c.status, func.count()).group_by(deliveries.c.status)
-            )
+            rows = await conn.execute(select(deliveries.c.status, func.count()).group_by(deliveries.c.status))
             return {status: count for status, count in rows}
 
     async def list_deliveries(self, status: str, limit: int = 100) -> list[DeliveryRecord]:
         async with self._reader.begin() as conn:
             rows = await conn.execute(
-                select(deliveries).where(deliveries.c.status == status)
-                .order_by(deliveries.c.created_at).limit(limit)
+                select(deliveries)
+                .where(deliveries.c.status == status)
+                .order_by(deliveries.c.created_at)
+                .limit(limit)
             )
             return [DeliveryRecord.from_row(r) for r in rows]
 
@@ -344,14 +393,22 @@ class Store:
             or_(deliveries.c.lease_until.is_(None), deliveries.c.lease_until < now),
         )
         async with self.engine.begin() as conn:
-            ids = list((await conn.execute(
-                select(deliveries.c.id).where(due).order_by(deliveries.c.next_attempt_at)
-                .limit(limit).with_for_update(skip_locked=True)
-            )).scalars())
+            ids = list(
+                (
+                    await conn.execute(
+                        select(deliveries.c.id)
+                        .where(due)
+                        .order_by(deliveries.c.next_attempt_at)
+                        .limit(limit)
+                        .with_for_update(skip_locked=True)
+                    )
+                ).scalars()
+            )
             if not ids:
                 return []
             await conn.execute(
-                update(deliveries).where(deliveries.c.id.in_(ids), due)
+                update(deliveries)
+                .where(deliveries.c.id.in_(ids), due)
                 .values(lease_owner=owner, lease_until=lease_until)
             )
             rows = await conn.execute(
@@ -362,7 +419,8 @@ class Store:
     async def extend_lease(self, ids: Iterable[str], owner: str, lease_until: datetime) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(
-                update(deliveries).where(deliveries.c.id.in_(list(ids)), deliveries.c.lease_owner == owner)
+                update(deliveries)
+                .where(deliveries.c.id.in_(list(ids)), deliveries.c.lease_owner == owner)
                 .values(lease_until=lease_until)
             )
 
@@ -372,8 +430,11 @@ class Store:
         async with self.engine.begin() as conn:
             for o in outcomes:
                 values: dict[str, Any] = {
-                    "status": o.status, "attempts": deliveries.c.attempts + o.attempts_added,
-                    "next_attempt_at": o.next_attempt_at, "lease_owner": None, "lease_until": None,
+                    "status": o.status,
+                    "attempts": deliveries.c.attempts + o.attempts_added,
+                    "next_attempt_at": o.next_attempt_at,
+                    "lease_owner": None,
+                    "lease_until": None,
                     "last_error": o.error,
                 }
                 if o.transport is not None:
@@ -397,7 +458,8 @@ class Store:
             return
         async with self.engine.begin() as conn:
             await conn.execute(
-                update(deliveries).where(deliveries.c.id.in_(ids), deliveries.c.lease_owner == owner)
+                update(deliveries)
+                .where(deliveries.c.id.in_(ids), deliveries.c.lease_owner == owner)
                 .values(lease_owner=None, lease_until=None)
             )
 
@@ -408,9 +470,15 @@ class Store:
             where = and_(where, deliveries.c.id.in_(list(ids)))
         async with self.engine.begin() as conn:
             result = await conn.execute(
-                update(deliveries).where(where).values(
-                    status="queued", next_attempt_at=now, give_up_at=now + horizon, finished_at=None,
-                    lease_owner=None, lease_until=None,
+                update(deliveries)
+                .where(where)
+                .values(
+                    status="queued",
+                    next_attempt_at=now,
+                    give_up_at=now + horizon,
+                    finished_at=None,
+                    lease_owner=None,
+                    lease_until=None,
                 )
             )
             return int(result.rowcount or 0)
@@ -436,24 +504,34 @@ class Store:
                         await conn.execute(insert(rate_limiters).values(transport=transport, touched_at=now))
                 except IntegrityError:
                     await conn.execute(
-                        update(rate_limiters).where(rate_limiters.c.transport == transport)
+                        update(rate_limiters)
+                        .where(rate_limiters.c.transport == transport)
                         .values(touched_at=now)
                     )
-            await conn.execute(delete(rate_events).where(
-                rate_events.c.transport == transport, rate_events.c.at <= now - timedelta(seconds=longest)
-            ))
+            await conn.execute(
+                delete(rate_events).where(
+                    rate_events.c.transport == transport, rate_events.c.at <= now - timedelta(seconds=longest)
+                )
+            )
             wait = 0.0
             for limit, seconds in windows:
                 in_window = rate_events.c.at > now - timedelta(seconds=seconds)
-                used = await conn.scalar(
-                    select(func.count()).select_from(rate_events)
-                    .where(rate_events.c.transport == transport, in_window)
-                ) or 0
+                used = (
+                    await conn.scalar(
+                        select(func.count())
+                        .select_from(rate_events)
+                        .where(rate_events.c.transport == transport, in_window)
+                    )
+                    or 0
+                )
                 if used >= limit:
                     # The slot frees when the oldest event that keeps us at the limit leaves the window.
                     oldest = await conn.scalar(
-                        select(rate_events.c.at).where(rate_events.c.transport == transport, in_window)
-                        .order_by(rate_events.c.at).offset(used - limit).limit(1)
+                        select(rate_events.c.at)
+                        .where(rate_events.c.transport == transport, in_window)
+                        .order_by(rate_events.c.at)
+                        .offset(used - limit)
+                        .limit(1)
                     )
                     if oldest is not None:
                         wait = max(wait, (oldest + timedelta(seconds=seconds) - now).total_seconds())

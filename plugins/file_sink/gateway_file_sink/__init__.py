@@ -43,16 +43,20 @@ class FileSinkTransport(Transport):
         target = self.directory / f"{message.delivery_id}.eml"
         try:
             await asyncio.to_thread(_write_atomically, target, data)
-        except PermissionError as err:
-            raise PermanentDeliveryError(f"cannot write to {self.directory}: {err.strerror}",
-                                         transport_level=True) from err
+        except (PermissionError, NotADirectoryError, FileExistsError) as err:
+            # A misconfigured directory: no retry helps, another transport might.
+            raise PermanentDeliveryError(
+                f"cannot write to {self.directory}: {err.strerror}", transport_level=True
+            ) from err
         except OSError as err:
             raise TransientDeliveryError(f"writing {target.name} failed: {err.strerror}") from err
         return Receipt(status="sent", provider_id=target.name)
 
     async def check(self) -> None:
-        if not os.access(self.directory, os.W_OK):
-            raise PermanentDeliveryError(f"{self.directory} is not writable", transport_level=True)
+        if not self.directory.is_dir() or not os.access(self.directory, os.W_OK):
+            raise PermanentDeliveryError(
+                f"{self.directory} is not a writable directory", transport_level=True
+            )
 
 
 def _write_atomically(target: Path, data: bytes) -> None:

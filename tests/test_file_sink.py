@@ -1,0 +1,95 @@
+"""The file sink against the shared transport contract, plus what only it promises."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import PermanentDeliveryError
+from gateway.plugins import transport_classes
+from gateway.transport import OutgoingMessage, Transport
+from tests.support import parts, read_eml
+from tests.transport_contract import Captured, TransportContract, make_message
+
+
+class TestFileSinkContract(TransportContract):
+    @pytest.fixture
+    async def transport(self, tmp_path: Path) -> AsyncIterator[Transport]:
+        cls = transport_classes()["file"]
+        self.directory = tmp_path / "outbox"
+        transport = cls(cls.settings_model(dir=self.directory))
+        await transport.start()
+        yield transport
+        await transport.aclose()
+
+    async def read_back(self, message: OutgoingMessage) -> list[Captured]:
+        found = []
+        for path in sorted(self.directory.glob("*.eml")):
+            msg = read_eml(path)
+            if msg["Message-ID"] != message.message_id:
+                continue
+            text, html = parts(msg)
+            found.append(
+                Captured(
+                    sender=str(msg["From"]),
+                    recipients=[str(msg["To"])],
+                    subject=str(msg["Subject"]),
+                    text=text,
+                    html=html,
+                    headers={k: str(v) for k, v in msg.items()},
+                )
+            )
+        return found
+
+
+@pytest.fixture
+async def sink(tmp_path: Path) -> AsyncIterator[Transport]:
+    cls = transport_classes()["file"]
+    transport = cls(cls.settings_model(dir=tmp_path / "outbox"))
+    await transport.start()
+    yield transport
+
+
+@pytest.mark.anyio
+async def test_file_sink_leaves_no_temporary_files_behind(sink: Transport, tmp_path: Path) -> None:
+    for _ in range(5):
+        await sink.send(make_message())
+    names = [p.name for p in (tmp_path / "outbox").iterdir()]
+    assert len(names) == 5
+    assert all(n.endswith(".eml") and not n.startswith(".") for n in names)
+
+
+@pytest.mark.anyio
+async def test_file_sink_message_is_multipart_alternative_utf8(sink: Transport, tmp_path: Path) -> None:
+    await sink.send(make_message(text="ไทย\n"))
+    [path] = (tmp_path / "outbox").glob("*.eml")
+    msg = read_eml(path)
+    assert msg.get_content_type() == "multipart/alternative"
+    assert [p.get_content_type() for p in msg.iter_parts()] == ["text/plain", "text/html"]
+    assert all(p.get_content_charset() == "utf-8" for p in msg.iter_parts())
+    assert b"\r\n" in path.read_bytes()  # RFC 5322 line endings
+
+
+@pytest.mark.anyio
+async def test_file_sink_reads_its_directory_from_FILE_SINK_DIR(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FILE_SINK_DIR", str(tmp_path / "from-env"))
+    cls = transport_classes()["file"]
+    settings = cls.settings_model(dir=tmp_path / "from-config")
+    assert Path(settings.dir) == tmp_path / "from-env"
+
+
+@pytest.mark.anyio
+async def test_file_sink_directory_that_is_a_file_is_a_transport_level_failure(tmp_path: Path) -> None:
+    cls = transport_classes()["file"]
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("x")
+    transport = cls(cls.settings_model(dir=blocker))
+    with pytest.raises(PermanentDeliveryError) as caught:
+        await transport.send(make_message())
+    assert caught.value.transport_level
+    with pytest.raises(PermanentDeliveryError):
+        await transport.check()
