@@ -179,13 +179,18 @@ def _add_routes(mcp: MCPServer, gateway: Gateway, verifier: StaticTokenVerifier 
                 return PlainTextResponse(
                     "bearer token required", status_code=401, headers={"WWW-Authenticate": "Bearer"}
                 )
-        return Response(gateway.metrics.exposition(), media_type=gateway.metrics.content_type)
+        body, content_type = gateway.metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
 
 def transport_security(
     gateway: Gateway, verifier: StaticTokenVerifier | None
 ) -> TransportSecuritySettings | None:
-    """Host/Origin checks: the SDK's defaults on loopback, the configured lists elsewhere."""
+    """Host/Origin checks: the configured lists, else the SDK's loopback lists on a loopback bind.
+
+    A non-loopback bind without `server.allowed_hosts` is served without Host/Origin checks:
+    DNS rebinding cannot supply the bearer token, so the token is the protection there.
+    """
     server = gateway.settings.server
     if server.allowed_hosts:
         return TransportSecuritySettings(
@@ -194,11 +199,21 @@ def transport_security(
             allowed_origins=server.allowed_origins,
         )
     if _is_loopback(server.host):
-        return None  # the SDK turns protection on for loopback itself
+        # The SDK turns protection on by itself only for 127.0.0.1, localhost and ::1 spelt
+        # exactly so; any other loopback bind (127.0.0.2, [::1]) would go unchecked.
+        bound = server.host.strip("[]")
+        bound = f"[{bound}]" if ":" in bound else bound
+        names = list(dict.fromkeys(["127.0.0.1", "localhost", "[::1]", bound]))
+        return TransportSecuritySettings(
+            enable_dns_rebinding_protection=True,
+            allowed_hosts=[f"{name}:*" for name in names],
+            allowed_origins=[f"http://{name}:*" for name in names],
+        )
     log.warning(
-        "server.allowed_hosts is empty for a %s bind: Host and Origin are not checked; "
+        "server.allowed_hosts is empty for a %s bind: Host and Origin are not checked (%s); "
         "list the names clients use to reach this server",
         server.host,
+        "the bearer token still is" if verifier is not None else "and no bearer token is required either",
     )
     return TransportSecuritySettings(enable_dns_rebinding_protection=False)
 

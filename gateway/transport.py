@@ -8,15 +8,19 @@ onto `gateway.errors` in one place.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from email.header import Header
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime
 from typing import Any, ClassVar, Literal
 
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gateway.errors import PermanentDeliveryError
 
 DeliveryStatus = Literal["queued", "sent", "delivered", "failed"]
 
@@ -38,19 +42,69 @@ class OutgoingMessage:
     def to_mime(self) -> EmailMessage:
         """RFC 5322 multipart/alternative (text/plain + text/html), UTF-8."""
         msg = EmailMessage(policy=SMTP)
-        msg["From"] = self.sender
-        msg["To"] = ", ".join(self.recipients)
-        msg["Subject"] = self.subject
+        msg["From"] = _safe_header("From", self.sender, address=True)
+        msg["To"] = _safe_header("To", ", ".join(self.recipients), address=True)
+        _set_text_header(msg, "Subject", self.subject)
         msg["Date"] = format_datetime(self.date)
-        msg["Message-ID"] = self.message_id
+        msg["Message-ID"] = _safe_header("Message-ID", self.message_id, address=True)
         for name, value in self.headers.items():
-            msg[name] = value
+            _set_text_header(msg, name, value)
         msg.set_content(self.text, subtype="plain", charset="utf-8", cte="quoted-printable")
         msg.add_alternative(self.html, subtype="html", charset="utf-8", cte="quoted-printable")
         return msg
 
     def as_bytes(self) -> bytes:
         return self.to_mime().as_bytes()
+
+
+#: what must never reach a header value: controls (CR/LF included), Unicode line separators
+_UNSAFE_IN_HEADER = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u0085]")
+_HEADER_NAME = re.compile(r"[!-9;-~]+")
+
+
+def _safe_header(name: str, value: str, *, address: bool = False) -> str:
+    """Refuse a header that could break out of its line or be rewritten by RFC 2047 decoding."""
+    if not _HEADER_NAME.fullmatch(name):
+        raise PermanentDeliveryError(f"{name!r} is not a valid header name")
+    bad = _UNSAFE_IN_HEADER.search(value)
+    if bad:
+        raise PermanentDeliveryError(f"header {name} contains the control character U+{ord(bad.group()):04X}")
+    if address and ("=?" in value or not value.isascii()):
+        # email.policy.SMTP would turn these into encoded-words, which addresses may not hold.
+        raise PermanentDeliveryError(f"header {name} must be plain ASCII addresses without '=?'")
+    return value
+
+
+def _set_text_header(msg: EmailMessage, name: str, value: str) -> None:
+    """Set an unstructured header, folded here, so that recipients decode exactly `value`.
+
+    Python's own folding is not used: it decodes encoded-words in a value it is
+    given (CR/LF included: header injection), drops the space between two
+    encoded-words of a long non-ASCII value, and may fold right after the colon
+    (a leading space on read-back). Plain ASCII is folded at spaces; anything
+    else becomes RFC 2047 encoded-words. Lines stay within 78 characters.
+    """
+    _safe_header(name, value)
+    plain = value.isascii() and "=?" not in value and not value.startswith(" ")  # parsers strip a lead
+    folded = _fold_at_spaces(name, value) if plain else None
+    if folded is None:
+        folded = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+    msg.set_raw(name, folded)
+
+
+def _fold_at_spaces(name: str, value: str, limit: int = 78) -> str | None:
+    """Fold before spaces (unfolding restores `value`); None when a word is too long for one line."""
+    lines = [""]
+    width = len(name) + 2
+    for token in re.split(r"(?<=[^ ])(?= )", value):
+        if lines[-1] and width + len(lines[-1]) + len(token) > limit:
+            lines.append(token)
+            width = 0
+        else:
+            lines[-1] += token
+    if len(name) + 2 + len(lines[0]) > limit or any(len(line) > limit for line in lines[1:]):
+        return None
+    return "\r\n".join(lines)
 
 
 @dataclass(frozen=True)
