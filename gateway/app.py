@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from gateway import logs
 from gateway.config import Settings
 from gateway.dispatcher import Dispatcher, parse_rate_limits
-from gateway.errors import GatewayError
+from gateway.errors import DeliveryError, GatewayError
 from gateway.metrics import Metrics
 from gateway.plugins import build_transports
 from gateway.renderer import Renderer
@@ -37,6 +38,8 @@ class Gateway:
         self.metrics = Metrics()
         self.renderer = Renderer(settings)
         self.transports = build_transports(settings.transport_chain, settings.transports)
+        self.metrics.prime(settings.use_cases, settings.transport_chain)
+        logs.show_in_full(settings.email.sender, settings.email.support_team)
         self.rate_limits = {
             name: parse_rate_limits(name, block.get("rate_limits"))
             for name, block in settings.transports.items()
@@ -71,7 +74,12 @@ class Gateway:
         started = []
         try:
             for transport in self.transports.values():
-                await transport.start()
+                try:
+                    await transport.start()
+                except DeliveryError as err:
+                    # Start-up never waits for (or fails on) a mail service: /readyz reports it and
+                    # deliveries queue until it works.
+                    log.error("transport %s is not usable yet: %s", transport.name, err)
                 started.append(transport)
             self._dispatcher = Dispatcher(
                 self.settings, self._store, self.transports, self.metrics, self.owner, self.rate_limits
@@ -102,22 +110,26 @@ class Gateway:
         """Whether the store and every transport of the chain are usable, and what is wrong if not."""
         checks: dict[str, Any] = {}
 
-        async def run(name: str, check: Any) -> None:
+        async def run(name: str, check: Any, what: str) -> None:
             try:
                 await asyncio.wait_for(check(), READINESS_TIMEOUT_SECONDS)
                 checks[name] = "ok"
             except TimeoutError:
-                checks[name] = f"no answer within {READINESS_TIMEOUT_SECONDS:.0f}s"
-            except (GatewayError, OSError) as err:
-                checks[name] = str(err) or type(err).__name__
-            except Exception as err:
-                checks[name] = f"{type(err).__name__}: {err}"
+                checks[name] = f"{what}: no answer within {READINESS_TIMEOUT_SECONDS:.0f}s"
+            except GatewayError as err:
+                checks[name] = str(err) or what
+            except Exception as err:  # driver and socket errors: first line only (no SQL, no URLs)
+                detail = (str(err).strip() or type(err).__name__).splitlines()[0][:300]
+                checks[name] = f"{what}: {detail}"
 
         if self._store is None:
             checks["store"] = "not running"
         else:
             await asyncio.gather(
-                run("store", self._store.ping),
-                *(run(f"transport:{name}", t.check) for name, t in self.transports.items()),
+                run("store", self._store.ping, f"{self._store.dialect} store unreachable"),
+                *(
+                    run(f"transport:{name}", t.check, f"transport {name} unreachable")
+                    for name, t in self.transports.items()
+                ),
             )
         return all(v == "ok" for v in checks.values()), checks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 from collections.abc import Callable, Coroutine
 from functools import wraps
@@ -122,10 +123,11 @@ def serve(
         server_header=False,
         lifespan="on",
     )
-    click.echo(
-        f"EscalationComms serving MCP at http://{settings.server.host}:{settings.server.port}/mcp "
-        f"(transports: {','.join(settings.transport_chain)})",
-        err=True,
+    logging.getLogger("gateway.cli").info(  # a log line, so prod's stderr stays one JSON object per line
+        "EscalationComms serving MCP at http://%s:%s/mcp (transports: %s)",
+        settings.server.host,
+        settings.server.port,
+        ",".join(settings.transport_chain),
     )
     server = uvicorn.Server(config)
     server.run()
