@@ -129,6 +129,8 @@ class DispatcherSettings(Section):
     concurrency: int = Field(16, ge=1)
     max_backoff_seconds: float = Field(900.0, gt=0)
     first_status_check_seconds: float = Field(1.0, ge=0)
+    #: how long past EMAIL_TIMEOUT_SECONDS a process that died mid-send keeps its deliveries leased
+    lease_margin_seconds: float = Field(15.0, gt=0)
 
 
 class BrandSettings(Section):

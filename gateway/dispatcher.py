@@ -44,25 +44,26 @@ from gateway.transport import OutgoingMessage, Receipt, StatusUpdate, Transport
 
 log = logging.getLogger("gateway.dispatcher")
 
+#: how often the escalation_deliveries gauge is recounted from the store
+GAUGE_REFRESH_SECONDS = 10.0
+
 _UNITS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
-#: extra lease time beyond EMAIL_TIMEOUT_SECONDS before another process may take a delivery over
-LEASE_MARGIN_SECONDS = 15.0
 
 
 def parse_rate_limits(name: str, raw: Any) -> list[tuple[int, float]]:
-    """`["30/minute", "100/hour"]` -> [(30, 60.0), (100, 3600.0)]."""
+    """`["30/minute", "100/hour", "2/5 seconds"]` -> [(30, 60.0), (100, 3600.0), (2, 5.0)]."""
     if raw is None:
         return []
     items = [raw] if isinstance(raw, str) else raw
     windows = []
     for item in items:
-        match = re.fullmatch(r"\s*(\d+)\s*/\s*(second|minute|hour|day)s?\s*", str(item))
-        if not match or int(match.group(1)) < 1:
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)?\s*(second|minute|hour|day)s?\s*", str(item))
+        if not match or int(match.group(1)) < 1 or match.group(2) == "0":
             raise ConfigError(
                 f"transports.{name}.rate_limits: {item!r} is not a rate; "
                 "write it like '30/minute' or '100/hour'"
             )
-        windows.append((int(match.group(1)), _UNITS[match.group(2)]))
+        windows.append((int(match.group(1)), int(match.group(2) or 1) * _UNITS[match.group(3)]))
     return windows
 
 
@@ -76,7 +77,8 @@ class Throttled(Exception):
 
 @dataclass
 class _Tally:
-    attempts: int = 0
+    attempts: int = 0  # made in this round
+    before: int = 0  # made in earlier rounds (the delivery's record)
 
 
 class _WaitRetryAfter(wait_exponential_jitter):
@@ -109,11 +111,15 @@ class Dispatcher:
         self.metrics = metrics
         self.owner = owner
         self.limits = rate_limits
-        self.lease = timedelta(seconds=settings.email.timeout_seconds + LEASE_MARGIN_SECONDS)
+        # A delivery's lease outlives its send deadline by a margin; only then may another process take over.
+        self.lease = timedelta(
+            seconds=settings.email.timeout_seconds + settings.dispatcher.lease_margin_seconds
+        )
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._tasks: dict[asyncio.Task[None], DeliveryRecord] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        self._counted_at = -GAUGE_REFRESH_SECONDS
         self._slots = asyncio.Semaphore(settings.dispatcher.concurrency)
 
     # -- inline sending (inside the sendemail call) ----------------------------------------------
@@ -125,8 +131,15 @@ class Dispatcher:
         self, records: Sequence[DeliveryRecord], context: dict[str, Any]
     ) -> list[DeliveryRecord]:
         """Send freshly recorded (and leased) deliveries concurrently; record and return them."""
-        outcomes = await asyncio.gather(*(self._deliver(r, inline=True, context=context) for r in records))
-        await self._record(outcomes)
+
+        async def send_and_record(record: DeliveryRecord) -> Outcome:
+            outcome = await self._deliver(record, inline=True, context=context)
+            # Record each outcome the moment it is known, not when its sibling is done retrying:
+            # a crash in between would make another replica send the accepted message again.
+            await self._record([outcome])
+            return outcome
+
+        outcomes = await asyncio.gather(*(send_and_record(r) for r in records))
         if any(o.status == "queued" for o in outcomes):
             self._wake.set()
         return [_apply(r, o) for r, o in zip(records, outcomes, strict=True)]
@@ -137,7 +150,7 @@ class Dispatcher:
         message = record.message()
         started = time.monotonic()
         deadline = started + self.settings.email.timeout_seconds
-        tally = _Tally()
+        tally = _Tally(before=record.attempts)
         last: DeliveryError | None = None
         tried: list[str] = []
         extra = {**context, "role": record.role, "recipient": _shown(record)}
@@ -186,7 +199,7 @@ class Dispatcher:
         window = max(0.0, deadline - time.monotonic())
         retrying = AsyncRetrying(
             stop=stop_after_attempt(tries) | stop_before_delay(window),
-            wait=_WaitRetryAfter(initial=0.25, max=5.0, jitter=0.25),
+            wait=_WaitRetryAfter(multiplier=0.25, max=5.0, jitter=0.25),
             retry=retry_if_exception_type(TransientDeliveryError),
             reraise=True,
             before_sleep=lambda _state: self.metrics.retries.labels(name).inc(),
@@ -195,7 +208,7 @@ class Dispatcher:
             with attempt:
                 await self._take_slot(name, deadline)
                 tally.attempts += 1
-                return await self._attempt(transport, message, deadline, tally.attempts, extra)
+                return await self._attempt(transport, message, deadline, tally.before + tally.attempts, extra)
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def _take_slot(self, name: str, deadline: float) -> None:
@@ -271,7 +284,7 @@ class Dispatcher:
             extra={
                 **extra,
                 "transport": transport.name,
-                "attempt": tally.attempts,
+                "attempt": tally.before + tally.attempts,
                 "duration_ms": round(seconds * 1000, 1),
             },
         )
@@ -358,9 +371,12 @@ class Dispatcher:
             self._wake.clear()
 
     async def _tick(self) -> None:
-        counts = await self.store.count_by_status()
-        for status in ("queued", "sent", "delivered", "failed"):
-            self.metrics.deliveries.labels(status).set(counts.get(status, 0))
+        if time.monotonic() - self._counted_at >= GAUGE_REFRESH_SECONDS:
+            # A count over the whole table: worth doing now and then, not every round.
+            self._counted_at = time.monotonic()
+            counts = await self.store.count_by_status()
+            for status in ("queued", "sent", "delivered", "failed"):
+                self.metrics.deliveries.labels(status).set(counts.get(status, 0))
         free = self.settings.dispatcher.concurrency - len(self._tasks)
         if free <= 0 or self._stopping.is_set():
             return
@@ -377,7 +393,11 @@ class Dispatcher:
             task.add_done_callback(self._tasks.pop)
 
     async def _process(self, record: DeliveryRecord) -> None:
-        context = {"email_id": record.email_id}
+        context = {
+            "ticket_id": record.headers.get("X-Ticket-ID"),
+            "email_id": record.email_id,
+            "use_case": record.use_case,
+        }
         if record.status == "queued":
             outcome = await self._deliver(record, inline=False, context=context)
             self._count(record, outcome)

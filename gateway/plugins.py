@@ -49,6 +49,10 @@ def registered(plugin: object, name: str | None = None) -> Iterator[object]:
     load_plugins()
     pm.register(plugin, name)
     try:
+        try:
+            pm.check_pending()
+        except pluggy.PluginValidationError as err:
+            raise StartupError(f"plugin {name or plugin!r}: {err}") from None
         yield plugin
     finally:
         pm.unregister(plugin)

@@ -70,7 +70,6 @@ class EscalationService:
             self.metrics.escalations.labels(name or "unknown", "rejected").inc()
             raise
         context = {"ticket_id": request["ticket_id"], "use_case": name}
-        log.info("Sending email for ticket %s (%s)", request["ticket_id"], name, extra=context)
 
         created_at = datetime.now(UTC)
         local = created_at.astimezone(self.settings.zone)
@@ -103,6 +102,7 @@ class EscalationService:
             return result_of(record, self.settings.zone, replay=True)
 
         self.metrics.escalations.labels(name, "accepted").inc()
+        log.info("Sending email for ticket %s (%s)", request["ticket_id"], name, extra=context)
         record.deliveries = await self.dispatcher.send_now(record.deliveries, context)
         for delivery in record.deliveries:
             self.metrics.emails.labels(

@@ -8,8 +8,13 @@ database has it) make one process send each pending delivery.
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import hashlib
 import json
-from collections.abc import Iterable, Sequence
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -132,9 +137,25 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # Let SQLAlchemy's "begin" hook emit BEGIN itself (IMMEDIATE for writers).
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=30000", "foreign_keys=ON"):
+    for pragma in ("busy_timeout=30000", "synchronous=NORMAL", "foreign_keys=ON"):
         cursor.execute(f"PRAGMA {pragma}")
     cursor.close()
+
+
+def _enable_wal(path: Path) -> None:
+    """Switch the file to WAL once (it persists), under a file lock.
+
+    Two processes switching a new file at the same time can deadlock inside SQLite,
+    so the switch happens here, before any pooled connection exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+        finally:
+            conn.close()
 
 
 def _sqlite_begin(conn: Connection) -> None:
@@ -149,6 +170,19 @@ class Store:
         self.engine = engine
         self._reader = engine.execution_options(gateway_readonly=True)
         self.dialect = engine.dialect.name
+        # SQLite lets one writer in at a time; the others would wait in its busy handler, which
+        # sleeps in growing steps (up to 100 ms). Queueing this process's writers here keeps them awake.
+        self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
+
+    @asynccontextmanager
+    async def _writing(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction (BEGIN IMMEDIATE on SQLite, one at a time per process there)."""
+        if self._write_lock is None:
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        async with self._write_lock, self.engine.begin() as conn:
+            yield conn
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -158,7 +192,7 @@ class Store:
         parsed = make_url(url)
         if parsed.drivername.startswith("sqlite"):
             if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                await asyncio.to_thread(_enable_wal, Path(parsed.database))
             engine = create_async_engine(url, connect_args={"timeout": 30})
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
             event.listen(engine.sync_engine, "begin", _sqlite_begin)
@@ -212,14 +246,19 @@ class Store:
         """
         for _ in range(3):
             try:
-                async with self.engine.begin() as conn:
+                async with self._writing() as conn:
                     earlier = await self._find(conn, use_case, ticket_id)
                     if earlier is not None:
                         return self._replay(earlier, payload_hash)
                     customer = next(d for d in new_deliveries if d.role == "customer")
-                    await self._check_recipient_cap(
-                        conn, customer.message.recipients[0], created_at, recipient_cap
-                    )
+                    address = customer.message.recipients[0]
+                    if self.dialect != "sqlite":  # SQLite's BEGIN IMMEDIATE already admits one writer
+                        await self._lock_recipient(conn, address)
+                        # A concurrent identical call may have committed while we waited for the lock.
+                        earlier = await self._find(conn, use_case, ticket_id)
+                        if earlier is not None:
+                            return self._replay(earlier, payload_hash)
+                    await self._check_recipient_cap(conn, address, created_at, recipient_cap)
                     number = await self._next_number(conn, f"{use_case}:{local_day}")
                     email_id = f"EMAIL-{use_case}-{local_day}-{number:03d}"
                     await conn.execute(
@@ -264,6 +303,16 @@ class Store:
                 field="ticket_id",
             )
         return Accepted(record=earlier, replay=True)
+
+    async def _lock_recipient(self, conn: AsyncConnection, address: str) -> None:
+        """Row-lock this address until commit, so its escalations are capped one at a time.
+
+        Without it, two replicas escalating for one customer under READ COMMITTED would both
+        count the same rows and both pass at cap - 1. The upsert creates the row when missing and
+        locks it on any database; the name is a digest so it fits and keeps the address out.
+        """
+        digest = hashlib.sha256(address.encode()).hexdigest()[:48]
+        await self._next_number(conn, f"recipient:{digest}")
 
     async def _check_recipient_cap(
         self, conn: AsyncConnection, address: str, now: datetime, cap: int
@@ -392,7 +441,7 @@ class Store:
             deliveries.c.next_attempt_at <= now,
             or_(deliveries.c.lease_until.is_(None), deliveries.c.lease_until < now),
         )
-        async with self.engine.begin() as conn:
+        async with self._writing() as conn:
             ids = list(
                 (
                     await conn.execute(
@@ -417,7 +466,7 @@ class Store:
             return [DeliveryRecord.from_row(r) for r in rows]
 
     async def extend_lease(self, ids: Iterable[str], owner: str, lease_until: datetime) -> None:
-        async with self.engine.begin() as conn:
+        async with self._writing() as conn:
             await conn.execute(
                 update(deliveries)
                 .where(deliveries.c.id.in_(list(ids)), deliveries.c.lease_owner == owner)
@@ -427,7 +476,7 @@ class Store:
     async def record(self, outcomes: Sequence[Outcome], owner: str) -> list[str]:
         """Apply outcomes under `owner`'s lease and release it; returns ids whose lease was lost."""
         lost: list[str] = []
-        async with self.engine.begin() as conn:
+        async with self._writing() as conn:
             for o in outcomes:
                 values: dict[str, Any] = {
                     "status": o.status,
@@ -456,7 +505,7 @@ class Store:
         ids = list(ids)
         if not ids:
             return
-        async with self.engine.begin() as conn:
+        async with self._writing() as conn:
             await conn.execute(
                 update(deliveries)
                 .where(deliveries.c.id.in_(ids), deliveries.c.lease_owner == owner)
@@ -468,7 +517,7 @@ class Store:
         where = deliveries.c.status == "failed"
         if ids is not None:
             where = and_(where, deliveries.c.id.in_(list(ids)))
-        async with self.engine.begin() as conn:
+        async with self._writing() as conn:
             result = await conn.execute(
                 update(deliveries)
                 .where(where)
@@ -494,7 +543,7 @@ class Store:
         The limiter row is locked so replicas sharing PostgreSQL see one budget.
         """
         longest = max(seconds for _, seconds in windows)
-        async with self.engine.begin() as conn:
+        async with self._writing() as conn:
             locked = await conn.execute(
                 update(rate_limiters).where(rate_limiters.c.transport == transport).values(touched_at=now)
             )

@@ -36,7 +36,11 @@ class FileSinkTransport(Transport):
         self.directory = settings.dir
 
     async def start(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PermanentDeliveryError(f"cannot create {self.directory}: {err.strerror}",
+                                         transport_level=True) from err
 
     async def send(self, message: OutgoingMessage) -> Receipt:
         data = message.as_bytes()

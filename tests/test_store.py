@@ -1,0 +1,253 @@
+"""The store on real SQLite and real PostgreSQL: the same code, the same guarantees."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import RecipientLimitError, TicketConflictError
+from gateway.store import NewDelivery, Outcome, Store
+from gateway.transport import OutgoingMessage
+
+pytestmark = pytest.mark.anyio
+
+T0 = datetime(2025, 11, 7, 7, 30, tzinfo=UTC)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return str(request.getfixturevalue("fresh_postgres_url"))
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[Store]:
+    opened = await Store.open(database_url)
+    yield opened
+    await opened.close()
+
+
+def deliveries_for(customer: str = "customer@example.com") -> list[NewDelivery]:
+    made = []
+    for role, to in (("customer", customer), ("bank_team", "support@bankx.com")):
+        delivery_id = str(uuid.uuid4())
+        made.append(
+            NewDelivery(
+                id=delivery_id,
+                role=role,
+                message=OutgoingMessage(
+                    delivery_id=delivery_id,
+                    message_id=f"<{delivery_id}@bankx.com>",
+                    sender="noreply@bankx.com",
+                    recipients=(to,),
+                    subject=f"subject for {role}",
+                    text="text",
+                    html="<p>html</p>",
+                    date=T0,
+                    headers={"X-Ticket-ID": "T"},
+                ),
+            )
+        )
+    return made
+
+
+async def accept(
+    store: Store,
+    ticket: str,
+    *,
+    payload: str = "p",
+    use_case: str = "UC2",
+    customer: str = "customer@example.com",
+    cap: int = 100,
+    owner: str = "owner-a",
+    at: datetime = T0,
+    day: str = "20251107",
+):  # type: ignore[no-untyped-def]
+    return await store.accept(
+        use_case=use_case,
+        ticket_id=ticket,
+        customer_id="CUST-001",
+        payload_hash=payload,
+        created_at=at,
+        local_day=day,
+        new_deliveries=deliveries_for(customer),
+        recipient_cap=cap,
+        lease_owner=owner,
+        lease_until=at + timedelta(seconds=30),
+        give_up_at=at + timedelta(hours=24),
+    )
+
+
+async def test_accept_records_escalation_and_both_deliveries_queued_and_leased(store: Store) -> None:
+    accepted = await accept(store, "TKT-1")
+    assert not accepted.replay
+    assert accepted.record.email_id == "EMAIL-UC2-20251107-001"
+    loaded = await store.load(accepted.record.email_id)
+    assert loaded is not None
+    assert sorted(d.role for d in loaded.deliveries) == ["bank_team", "customer"]
+    assert {d.status for d in loaded.deliveries} == {"queued"}
+    assert loaded.delivery("customer").subject == "subject for customer"
+    # Leased to the accepting process: nobody else may claim them before the lease ends.
+    assert (
+        await store.claim_due(
+            owner="other", now=T0 + timedelta(seconds=5), lease_until=T0 + timedelta(seconds=60), limit=10
+        )
+        == []
+    )
+
+
+async def test_email_ids_count_per_use_case_and_day(store: Store) -> None:
+    ids = [(await accept(store, f"TKT-{i}")).record.email_id for i in range(3)]
+    other = (await accept(store, "TKT-X", use_case="UC3")).record.email_id
+    next_day = (await accept(store, "TKT-Y", day="20251108")).record.email_id
+    assert ids == ["EMAIL-UC2-20251107-001", "EMAIL-UC2-20251107-002", "EMAIL-UC2-20251107-003"]
+    assert other == "EMAIL-UC3-20251107-001"
+    assert next_day == "EMAIL-UC2-20251108-001"
+
+
+async def test_same_ticket_same_payload_is_a_replay_of_the_first(store: Store) -> None:
+    first = await accept(store, "TKT-1")
+    again = await accept(store, "TKT-1")
+    assert again.replay
+    assert again.record.email_id == first.record.email_id
+    assert [d.id for d in again.record.deliveries] == [d.id for d in first.record.deliveries]
+
+
+async def test_same_ticket_other_payload_is_a_conflict(store: Store) -> None:
+    await accept(store, "TKT-1")
+    with pytest.raises(TicketConflictError, match="already escalated"):
+        await accept(store, "TKT-1", payload="different")
+
+
+async def test_concurrent_identical_accepts_record_one_escalation(database_url: str) -> None:
+    stores = [await Store.open(database_url) for _ in range(4)]
+    try:
+        results = await asyncio.gather(*(accept(s, "TKT-RACE") for s in stores for _ in range(3)))
+    finally:
+        for s in stores:
+            await s.close()
+    assert sum(not r.replay for r in results) == 1
+    assert len({r.record.email_id for r in results}) == 1
+
+
+async def test_recipient_cap_counts_customer_emails_in_the_last_hour(store: Store) -> None:
+    for i in range(3):
+        await accept(store, f"TKT-{i}", cap=3, at=T0 + timedelta(minutes=i))
+    with pytest.raises(RecipientLimitError, match="limit 3"):
+        await accept(store, "TKT-4", cap=3, at=T0 + timedelta(minutes=10))
+    await accept(store, "TKT-5", cap=3, customer="someone.else@example.com", at=T0 + timedelta(minutes=10))
+    await accept(store, "TKT-6", cap=3, at=T0 + timedelta(minutes=61))  # the first fell out of the hour
+
+
+async def test_expired_lease_is_claimed_by_exactly_one_other_process(database_url: str) -> None:
+    first = await Store.open(database_url)
+    accepted = await accept(first, "TKT-1")
+    later = T0 + timedelta(minutes=5)
+    stores = [await Store.open(database_url) for _ in range(3)]
+    try:
+        claims = await asyncio.gather(
+            *(
+                s.claim_due(
+                    owner=f"replica-{i}", now=later, lease_until=later + timedelta(seconds=30), limit=10
+                )
+                for i, s in enumerate(stores)
+            )
+        )
+    finally:
+        for s in stores:
+            await s.close()
+    claimed = [d.id for batch in claims for d in batch]
+    assert sorted(claimed) == sorted(d.id for d in accepted.record.deliveries)
+    # The original owner lost its lease: its late outcome is refused, not applied.
+    lost = await first.record(
+        [Outcome(delivery_id=claimed[0], status="sent", transport="file", attempts_added=1)], "owner-a"
+    )
+    assert lost == [claimed[0]]
+    await first.close()
+
+
+async def test_recorded_outcome_releases_the_lease_and_sets_the_status(store: Store) -> None:
+    accepted = await accept(store, "TKT-1")
+    customer = accepted.record.delivery("customer")
+    team = accepted.record.delivery("bank_team")
+    retry_at = T0 + timedelta(seconds=40)
+    lost = await store.record(
+        [
+            Outcome(delivery_id=customer.id, status="sent", transport="smtp", attempts_added=2, sent_at=T0),
+            Outcome(
+                delivery_id=team.id,
+                status="queued",
+                transport="smtp",
+                attempts_added=3,
+                next_attempt_at=retry_at,
+                error="451 try later",
+            ),
+        ],
+        "owner-a",
+    )
+    assert lost == []
+    loaded = await store.load(accepted.record.email_id)
+    assert loaded is not None
+    assert (loaded.delivery("customer").status, loaded.delivery("customer").attempts) == ("sent", 2)
+    assert loaded.delivery("bank_team").last_error == "451 try later"
+    due = await store.claim_due(
+        owner="b", now=retry_at, lease_until=retry_at + timedelta(seconds=30), limit=5
+    )
+    assert [d.id for d in due] == [team.id]
+
+
+async def test_failed_deliveries_can_be_listed_and_requeued(store: Store) -> None:
+    accepted = await accept(store, "TKT-1")
+    customer = accepted.record.delivery("customer")
+    await store.record(
+        [
+            Outcome(
+                delivery_id=customer.id,
+                status="failed",
+                transport="smtp",
+                attempts_added=1,
+                error="550 no such user",
+            )
+        ],
+        "owner-a",
+    )
+    assert [d.id for d in await store.list_deliveries("failed")] == [customer.id]
+    now = T0 + timedelta(hours=30)
+    assert await store.requeue([customer.id], now, timedelta(hours=24)) == 1
+    claimed = await store.claim_due(owner="b", now=now, lease_until=now + timedelta(seconds=30), limit=5)
+    [queued] = [d for d in claimed if d.id == customer.id]
+    assert queued.status == "queued" and queued.give_up_at == now + timedelta(hours=24)
+
+
+async def test_rate_slots_queue_beyond_the_window_limit(store: Store) -> None:
+    windows = [(3, 60.0)]
+    waits = [await store.take_rate_slot("acs", windows, T0 + timedelta(seconds=i)) for i in range(4)]
+    assert waits[:3] == [0.0, 0.0, 0.0]
+    assert waits[3] == pytest.approx(57.0)  # the first slot frees 60 s after T0
+    assert await store.take_rate_slot("acs", windows, T0 + timedelta(seconds=60.5)) == 0.0
+    assert await store.take_rate_slot("smtp", windows, T0) == 0.0  # budgets are per transport
+
+
+async def test_rate_slots_are_shared_between_processes(database_url: str) -> None:
+    stores = [await Store.open(database_url) for _ in range(3)]
+    try:
+        waits = await asyncio.gather(
+            *(s.take_rate_slot("acs", [(5, 60.0)], T0) for s in stores for _ in range(4))
+        )
+    finally:
+        for s in stores:
+            await s.close()
+    assert sum(w == 0.0 for w in waits) == 5
+
+
+async def test_migrating_twice_concurrently_is_harmless(database_url: str) -> None:
+    stores = await asyncio.gather(*(Store.open(database_url) for _ in range(4)))
+    for s in stores:
+        await s.migrate()
+        await s.close()
