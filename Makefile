@@ -16,8 +16,13 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/escalation-comms serve
 
-test: $(STAMP) lint
-	$(BIN)/python -m pytest
+# Lint problems fail the target too, but never hide the test results: pytest always runs,
+# and its summary line comes last.
+test: $(STAMP)
+	@lint=0; $(MAKE) --no-print-directory lint || lint=1; \
+	$(BIN)/python -m pytest; tests=$$?; \
+	if [ $$lint -ne 0 ]; then echo "make test: lint failed (ruff or mypy, see above)"; fi; \
+	[ $$tests -eq 0 ] && [ $$lint -eq 0 ]
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway plugins tests bench

@@ -212,7 +212,7 @@ class FakeAcs:
         cert.private_key_pem.write_to_path(str(key_file))
         self.ca.cert_pem.write_to_path(str(self.ca_bundle))
 
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         self.port = int(sock.getsockname()[1])
