@@ -121,6 +121,9 @@ class Dispatcher:
         self._loop_task: asyncio.Task[None] | None = None
         self._counted_at = -GAUGE_REFRESH_SECONDS
         self._slots = asyncio.Semaphore(settings.dispatcher.concurrency)
+        # Outcomes waiting for the next store write, and the task writing them (`_record_soon`).
+        self._unrecorded: list[tuple[Outcome, asyncio.Future[None]]] = []
+        self._recorder: asyncio.Task[None] | None = None
 
     # -- inline sending (inside the sendemail call) ----------------------------------------------
 
@@ -136,7 +139,7 @@ class Dispatcher:
             outcome = await self._deliver(record, inline=True, context=context)
             # Record each outcome the moment it is known, not when its sibling is done retrying:
             # a crash in between would make another replica send the accepted message again.
-            await self._record([outcome])
+            await self._record_soon(outcome)
             return outcome
 
         outcomes = await asyncio.gather(*(send_and_record(r) for r in records))
@@ -341,6 +344,38 @@ class Dispatcher:
         cap = self.settings.dispatcher.max_backoff_seconds
         base = min(cap, 2.0 * 2 ** min(attempts, 20))
         return base * random.uniform(0.8, 1.2)
+
+    async def _record_soon(self, outcome: Outcome) -> None:
+        """Record one outcome now, in one store write with any others that arrive meanwhile.
+
+        Each outcome taking its own write transaction (one at a time on SQLite) capped the
+        throughput; outcomes known while a write is in flight go together in the next one.
+        """
+        written = asyncio.get_running_loop().create_future()
+        self._unrecorded.append((outcome, written))
+        if self._recorder is None or self._recorder.done():
+            self._recorder = asyncio.create_task(self._record_waiting(), name="gateway-recorder")
+        await written
+
+    async def _record_waiting(self) -> None:
+        while self._unrecorded:
+            batch, self._unrecorded = self._unrecorded, []
+            error: BaseException | None = None
+            try:
+                await self._record([outcome for outcome, _ in batch])
+            except BaseException as err:
+                error = err
+            for _, written in batch:
+                if written.done():  # its caller was cancelled; the outcome is recorded all the same
+                    continue
+                if error is None:
+                    written.set_result(None)
+                elif isinstance(error, Exception):
+                    written.set_exception(error)
+                else:
+                    written.cancel()
+            if error is not None and not isinstance(error, Exception):
+                raise error
 
     async def _record(self, outcomes: Sequence[Outcome]) -> None:
         lost = await self.store.record(outcomes, self.owner)

@@ -10,27 +10,46 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import hashlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import and_, delete, event, func, insert, or_, select, text, update
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy import (
+    Integer,
+    and_,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql.dml import Update
 
 from gateway.errors import ConfigError, RecipientLimitError, TicketConflictError
 from gateway.store import schema
 from gateway.store.schema import counters, deliveries, escalations, rate_events, rate_limiters
 from gateway.transport import DeliveryStatus, OutgoingMessage
 
+_T = TypeVar("_T")
 _DELIVERY_COLUMNS = [c for c in deliveries.c]
+#: PostgreSQL advisory lock key held while the schema is created or upgraded (one replica at a time)
+MIGRATION_LOCK = 724106
 
 
 @dataclass
@@ -123,11 +142,12 @@ class Outcome:
     finished_at: datetime | None = None
 
 
-def async_url(database_url: str) -> str:
-    """Map the contract's URLs onto the async drivers (aiosqlite, asyncpg)."""
+def driver_url(database_url: str) -> str:
+    """Map the contract's URLs onto the drivers: asyncpg for PostgreSQL, the standard library's
+    sqlite3 (on the store's own thread, see `_SqliteThread`) for SQLite."""
     url = make_url(database_url)
-    if url.drivername in ("sqlite", "sqlite+aiosqlite"):
-        return str(url.set(drivername="sqlite+aiosqlite"))
+    if url.drivername in ("sqlite", "sqlite+pysqlite", "sqlite+aiosqlite"):
+        return str(url.set(drivername="sqlite"))
     if url.drivername in ("postgresql", "postgres", "postgresql+asyncpg"):
         return url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
     raise ConfigError(f"DATABASE_URL: unsupported database {url.drivername!r}; use sqlite or postgresql")
@@ -158,72 +178,163 @@ def _enable_wal(path: Path) -> None:
             conn.close()
 
 
+async def _dispose(engine: Engine) -> None:
+    engine.dispose()  # on the SQLite thread: its connections were made there
+
+
 def _sqlite_begin(conn: Connection) -> None:
     readonly = conn.get_execution_options().get("gateway_readonly", False)
     conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
 
+class _InlineConnection:
+    """The part of `AsyncConnection` the store uses, over a synchronous SQLite connection.
+
+    Its coroutines never suspend, so a transaction written against `AsyncConnection` runs
+    start to finish in one step on the SQLite thread (see `_SqliteThread`).
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        return self._conn.execute(statement, parameters)
+
+    async def scalar(self, statement: Any, parameters: Any = None) -> Any:
+        return self._conn.scalar(statement, parameters)
+
+    async def run_sync(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return fn(self._conn, *args)
+
+    @asynccontextmanager
+    async def begin_nested(self) -> AsyncIterator[None]:
+        with self._conn.begin_nested():
+            yield
+
+
+class _SqliteThread:
+    """One thread with its own event loop, on which every SQLite transaction runs whole.
+
+    A SQLite transaction is a few hundred microseconds of local work. Stepped statement by
+    statement through an async driver (aiosqlite) it cost a thread round trip per statement
+    (about twenty per escalation), each waiting for a busy event loop while SQLite's single
+    write lock was held: that capped throughput (bench/, docs/benchmarks.md). Here a
+    transaction costs one round trip, runs without yielding (so transactions never
+    interleave), and any wait for SQLite's lock (another process writing, a checkpoint)
+    blocks this thread, never the server's loop.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="gateway-sqlite", daemon=True)
+        self._thread.start()
+
+    async def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Coroutine[Any, Any, Any]])
+
+
+def _on_sqlite_thread(method: _Method) -> _Method:
+    """Run a store method on the SQLite thread when there is one (on PostgreSQL: as it is)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
+        if self._sqlite_thread is None:
+            return await method(self, *args, **kwargs)
+        return await self._sqlite_thread.run(method(self, *args, **kwargs))
+
+    return cast(_Method, wrapper)
+
+
 class Store:
     """Async access to the gateway's tables; one instance per process."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine | None, sqlite: Engine | None = None) -> None:
+        #: PostgreSQL: the asyncpg engine. SQLite: None (see `_SqliteThread`).
         self.engine = engine
-        self._reader = engine.execution_options(gateway_readonly=True)
-        self.dialect = engine.dialect.name
-        # SQLite lets one writer in at a time; the others would wait in its busy handler, which
-        # sleeps in growing steps (up to 100 ms). Queueing this process's writers here keeps them awake.
-        self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
+        self._reader = engine.execution_options(gateway_readonly=True) if engine else None
+        #: SQLite only: the synchronous engine, used on `_sqlite_thread` alone
+        self._sqlite = sqlite
+        self._sqlite_reader = sqlite.execution_options(gateway_readonly=True) if sqlite else None
+        self._sqlite_thread = _SqliteThread() if sqlite is not None else None
+        self.dialect = (engine.dialect if engine is not None else sqlite.dialect).name  # type: ignore[union-attr]
 
     @asynccontextmanager
     async def _writing(self) -> AsyncIterator[AsyncConnection]:
-        """A write transaction (BEGIN IMMEDIATE on SQLite, one at a time per process there)."""
-        if self._write_lock is None:
-            async with self.engine.begin() as conn:
-                yield conn
+        """A write transaction (BEGIN IMMEDIATE on SQLite)."""
+        if self._sqlite is not None:
+            with self._sqlite.begin() as conn:
+                yield cast(AsyncConnection, _InlineConnection(conn))
             return
-        async with self._write_lock, self.engine.begin() as conn:
+        assert self.engine is not None
+        async with self.engine.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _reading(self) -> AsyncIterator[AsyncConnection]:
+        """A read-only transaction."""
+        if self._sqlite_reader is not None:
+            with self._sqlite_reader.begin() as conn:
+                yield cast(AsyncConnection, _InlineConnection(conn))
+            return
+        assert self._reader is not None
+        async with self._reader.begin() as conn:
             yield conn
 
     # -- life cycle ------------------------------------------------------------------------------
 
     @classmethod
     async def open(cls, database_url: str) -> Store:
-        url = async_url(database_url)
+        url = driver_url(database_url)
         parsed = make_url(url)
         if parsed.drivername.startswith("sqlite"):
             if parsed.database and parsed.database != ":memory:":
                 await asyncio.to_thread(_enable_wal, Path(parsed.database))
-            engine = create_async_engine(url, connect_args={"timeout": 30})
-            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-            event.listen(engine.sync_engine, "begin", _sqlite_begin)
+            sqlite = create_engine(url, connect_args={"timeout": 30})
+            event.listen(sqlite, "connect", _sqlite_pragmas)
+            event.listen(sqlite, "begin", _sqlite_begin)
+            store = cls(None, sqlite)
         else:
-            engine = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
-        store = cls(engine)
+            store = cls(create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True))
         try:
             await store.migrate()
         except BaseException:
-            await engine.dispose()
+            await store.close()
             raise
         return store
 
     async def close(self) -> None:
-        await self.engine.dispose()
+        if self._sqlite is not None and self._sqlite_thread is not None:
+            await self._sqlite_thread.run(_dispose(self._sqlite))
+            self._sqlite_thread.stop()
+        if self.engine is not None:
+            await self.engine.dispose()
 
+    @_on_sqlite_thread
     async def migrate(self) -> None:
         """Create or upgrade the schema; safe when several replicas start at once."""
         from gateway.store.migrations import upgrade
 
-        async with self.engine.begin() as conn:
+        async with self._writing() as conn:
             if self.dialect == "postgresql":
-                await conn.execute(text("SELECT pg_advisory_xact_lock(724106)"))
+                await conn.execute(text(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
             await conn.run_sync(upgrade)
 
+    @_on_sqlite_thread
     async def ping(self) -> None:
-        async with self._reader.connect() as conn:
+        async with self._reading() as conn:
             await conn.execute(select(1))
 
     # -- accepting an escalation -----------------------------------------------------------------
 
+    @_on_sqlite_thread
     async def accept(
         self,
         *,
@@ -262,14 +373,15 @@ class Store:
                     number = await self._next_number(conn, f"{use_case}:{local_day}")
                     email_id = f"EMAIL-{use_case}-{local_day}-{number:03d}"
                     await conn.execute(
-                        insert(escalations).values(
-                            email_id=email_id,
-                            use_case=use_case,
-                            ticket_id=ticket_id,
-                            customer_id=customer_id,
-                            payload_hash=payload_hash,
-                            created_at=created_at,
-                        )
+                        insert(escalations),
+                        {
+                            "email_id": email_id,
+                            "use_case": use_case,
+                            "ticket_id": ticket_id,
+                            "customer_id": customer_id,
+                            "payload_hash": payload_hash,
+                            "created_at": created_at,
+                        },
                     )
                     rows = [
                         self._delivery_row(
@@ -318,15 +430,7 @@ class Store:
         self, conn: AsyncConnection, address: str, now: datetime, cap: int
     ) -> None:
         since = now - timedelta(hours=1)
-        count = await conn.scalar(
-            select(func.count())
-            .select_from(deliveries)
-            .where(
-                deliveries.c.address == address,
-                deliveries.c.role == "customer",
-                deliveries.c.created_at >= since,
-            )
-        )
+        count = await conn.scalar(_RECENT_TO_CUSTOMER, {"address": address, "since": since})
         if (count or 0) >= cap:
             raise RecipientLimitError(
                 f"customer_email has already received {count} escalation emails in the last hour "
@@ -336,17 +440,7 @@ class Store:
             )
 
     async def _next_number(self, conn: AsyncConnection, name: str) -> int:
-        if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as upsert
-        else:
-            from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
-        stmt = (
-            upsert(counters)
-            .values(name=name, value=1)
-            .on_conflict_do_update(index_elements=[counters.c.name], set_={"value": counters.c.value + 1})
-            .returning(counters.c.value)
-        )
-        value = await conn.scalar(stmt)
+        value = await conn.scalar(_counter_increment(self.dialect), {"name": name})
         assert value is not None
         return int(value)
 
@@ -390,13 +484,7 @@ class Store:
     # -- reading ---------------------------------------------------------------------------------
 
     async def _find(self, conn: AsyncConnection, use_case: str, ticket_id: str) -> EscalationRecord | None:
-        row = (
-            await conn.execute(
-                select(escalations).where(
-                    escalations.c.use_case == use_case, escalations.c.ticket_id == ticket_id
-                )
-            )
-        ).first()
+        row = (await conn.execute(_FIND_TICKET, {"use_case": use_case, "ticket_id": ticket_id})).first()
         return None if row is None else await self._with_deliveries(conn, row)
 
     async def _with_deliveries(self, conn: AsyncConnection, row: Any) -> EscalationRecord:
@@ -409,18 +497,21 @@ class Store:
         record.deliveries = [DeliveryRecord.from_row(r) for r in result]
         return record
 
+    @_on_sqlite_thread
     async def load(self, email_id: str) -> EscalationRecord | None:
-        async with self._reader.begin() as conn:
+        async with self._reading() as conn:
             row = (await conn.execute(select(escalations).where(escalations.c.email_id == email_id))).first()
             return None if row is None else await self._with_deliveries(conn, row)
 
+    @_on_sqlite_thread
     async def count_by_status(self) -> dict[str, int]:
-        async with self._reader.begin() as conn:
+        async with self._reading() as conn:
             rows = await conn.execute(select(deliveries.c.status, func.count()).group_by(deliveries.c.status))
             return {status: count for status, count in rows}
 
+    @_on_sqlite_thread
     async def list_deliveries(self, status: str, limit: int = 100) -> list[DeliveryRecord]:
-        async with self._reader.begin() as conn:
+        async with self._reading() as conn:
             rows = await conn.execute(
                 select(deliveries)
                 .where(deliveries.c.status == status)
@@ -431,6 +522,7 @@ class Store:
 
     # -- the outbox ------------------------------------------------------------------------------
 
+    @_on_sqlite_thread
     async def claim_due(
         self, *, owner: str, now: datetime, lease_until: datetime, limit: int
     ) -> list[DeliveryRecord]:
@@ -465,6 +557,7 @@ class Store:
             )
             return [DeliveryRecord.from_row(r) for r in rows]
 
+    @_on_sqlite_thread
     async def extend_lease(self, ids: Iterable[str], owner: str, lease_until: datetime) -> None:
         async with self._writing() as conn:
             await conn.execute(
@@ -473,6 +566,7 @@ class Store:
                 .values(lease_until=lease_until)
             )
 
+    @_on_sqlite_thread
     async def record(self, outcomes: Sequence[Outcome], owner: str) -> list[str]:
         """Apply outcomes under `owner`'s lease and release it; returns ids whose lease was lost."""
         lost: list[str] = []
@@ -480,7 +574,6 @@ class Store:
             for o in outcomes:
                 values: dict[str, Any] = {
                     "status": o.status,
-                    "attempts": deliveries.c.attempts + o.attempts_added,
                     "next_attempt_at": o.next_attempt_at,
                     "lease_owner": None,
                     "lease_until": None,
@@ -492,14 +585,15 @@ class Store:
                     if getattr(o, name) is not None:
                         values[name] = getattr(o, name)
                 result = await conn.execute(
-                    update(deliveries)
-                    .where(deliveries.c.id == o.delivery_id, deliveries.c.lease_owner == owner)
-                    .values(**values)
+                    _outcome_update(tuple(values)),
+                    {"b_id": o.delivery_id, "b_owner": owner, "b_added": o.attempts_added}
+                    | {f"b_{name}": value for name, value in values.items()},
                 )
                 if result.rowcount == 0:
                     lost.append(o.delivery_id)
         return lost
 
+    @_on_sqlite_thread
     async def release(self, ids: Iterable[str], owner: str) -> None:
         """Give leased deliveries back untouched (shutdown): due again at once, for anyone."""
         ids = list(ids)
@@ -512,6 +606,7 @@ class Store:
                 .values(lease_owner=None, lease_until=None)
             )
 
+    @_on_sqlite_thread
     async def requeue(self, ids: Sequence[str] | None, now: datetime, horizon: timedelta) -> int:
         """Put failed deliveries back in the queue (all failed ones when `ids` is None)."""
         where = deliveries.c.status == "failed"
@@ -534,6 +629,7 @@ class Store:
 
     # -- transport rate limits -------------------------------------------------------------------
 
+    @_on_sqlite_thread
     async def take_rate_slot(
         self, transport: str, windows: Sequence[tuple[int, float]], now: datetime
     ) -> float:
@@ -590,6 +686,55 @@ class Store:
             return 0.0
 
 
+# Statements the hot paths run, built once with bind parameters: building a statement and its
+# cache key for every call cost several times what SQLite took to run it.
+_FIND_TICKET = select(escalations).where(
+    escalations.c.use_case == bindparam("use_case"), escalations.c.ticket_id == bindparam("ticket_id")
+)
+_RECENT_TO_CUSTOMER = (
+    select(func.count())
+    .select_from(deliveries)
+    .where(
+        deliveries.c.address == bindparam("address"),
+        deliveries.c.role == "customer",
+        deliveries.c.created_at >= bindparam("since"),
+    )
+)
+
+
+@functools.cache
+def _counter_increment(dialect: str) -> Any:
+    """Add one to the counter `name` (created at 1), returning the new value."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as upsert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
+    return (
+        upsert(counters)
+        .values(name=bindparam("name"), value=1)
+        .on_conflict_do_update(index_elements=[counters.c.name], set_={"value": counters.c.value + 1})
+        .returning(counters.c.value)
+    )
+
+
+@functools.cache
+def _outcome_update(columns: tuple[str, ...]) -> Update:
+    """The UPDATE that applies an outcome setting `columns`, built once per combination.
+
+    Building and cache-keying a fresh statement for every outcome was most of `record`'s cost.
+    """
+    return (
+        update(deliveries)
+        .where(deliveries.c.id == bindparam("b_id"), deliveries.c.lease_owner == bindparam("b_owner"))
+        .values(
+            {
+                "attempts": deliveries.c.attempts + bindparam("b_added", type_=Integer()),
+                **{name: bindparam(f"b_{name}", type_=deliveries.c[name].type) for name in columns},
+            }
+        )
+    )
+
+
 class _RowLike:
     """Adapts an insert's value dict to `DeliveryRecord.from_row`."""
 
@@ -604,6 +749,6 @@ __all__ = [
     "NewDelivery",
     "Outcome",
     "Store",
-    "async_url",
+    "driver_url",
     "schema",
 ]

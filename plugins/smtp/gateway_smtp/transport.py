@@ -25,7 +25,7 @@ from aiosmtplib import (
     SMTPResponseException,
     SMTPServerDisconnected,
 )
-from aiosmtplib.email import flatten_message, parse_address
+from aiosmtplib.email import parse_address
 
 from gateway.errors import PermanentDeliveryError, TransientDeliveryError
 from gateway.logs import mask_address
@@ -194,7 +194,7 @@ class SMTPTransport(Transport):
         if not recipients:
             raise PermanentDeliveryError("the message has no recipients")
         try:
-            payload = flatten_message(message.to_mime(), cte_type="7bit")
+            payload = message.as_bytes()  # 7-bit clean: quoted-printable bodies, encoded-word headers
         except ValueError as err:
             raise PermanentDeliveryError(f"the message cannot be written as MIME: {err}") from err
         return Envelope(sender=sender, recipients=recipients, payload=payload)
