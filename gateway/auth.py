@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import time
 from pathlib import Path
 
 from mcp.server.auth.provider import AccessToken
@@ -23,6 +24,10 @@ log = logging.getLogger("gateway.auth")
 MAX_TOKEN_FILE_BYTES = 1 << 20
 #: tokens shorter than this are accepted, with a warning at start-up
 MIN_TOKEN_CHARS = 16
+
+
+#: how often the token file is looked at again (a rotation takes effect within this time)
+TOKEN_FILE_RECHECK_SECONDS = 1.0
 
 
 def token_digest(token: str) -> str:
@@ -44,6 +49,7 @@ class StaticTokenVerifier:
         self._file_content: bytes | None = None
         self._file_problem: str | None = None
         self._file_digests: list[str] = []
+        self._checked_at: float | None = None
         self._load_file()
 
     @property
@@ -51,9 +57,16 @@ class StaticTokenVerifier:
         return bool(self._digests) or self._file is not None
 
     def _load_file(self) -> None:
-        """Re-parse the token file when its bytes changed (mtime alone misses same-size rewrites)."""
+        """Re-parse the token file when its bytes changed (mtime alone misses same-size rewrites).
+
+        Read at most once every `TOKEN_FILE_RECHECK_SECONDS`: a rotation takes effect within that
+        time, and a busy server does not read the file on every request."""
         if self._file is None:
             return
+        now = time.monotonic()
+        if self._checked_at is not None and now - self._checked_at < TOKEN_FILE_RECHECK_SECONDS:
+            return
+        self._checked_at = now
         try:
             with self._file.open("rb") as handle:
                 content = handle.read(MAX_TOKEN_FILE_BYTES + 1)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import logs
 from gateway.config import Settings, load_settings
@@ -52,12 +53,17 @@ def _gateway(settings: Settings) -> Any:
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a command's work; expected failures become one line on stderr, not a traceback."""
     try:
         return asyncio.run(coro)
     except InputError as err:
         _fail(str(err), 2)
     except GatewayError as err:
         _fail(str(err))
+    except (OSError, SQLAlchemyError) as err:
+        # The store (or a transport) cannot be reached; the first line says which and why.
+        first_line = (str(err).splitlines() or [repr(err)])[0]
+        _fail(f"{type(err).__name__}: {first_line}")
     raise AssertionError("unreachable")
 
 

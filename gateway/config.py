@@ -25,6 +25,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from gateway.errors import ConfigError
 from gateway.validation import check_address
@@ -102,14 +104,25 @@ class EmailSettings(Section):
         return value
 
 
+#: DATABASE_URL schemes the store runs on
+SQLITE_SCHEMES = ("sqlite", "sqlite+pysqlite", "sqlite+aiosqlite")
+POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
+
+
 class StoreSettings(Section):
     database_url: str = "sqlite:///var/gateway.db"
 
     @field_validator("database_url")
     @classmethod
-    def _scheme(cls, value: str) -> str:
-        if not re.match(r"^(sqlite|postgresql|postgres)(\+\w+)?://", value):
-            raise ValueError("use sqlite:///path/to/file.db or postgresql://user@host/db")
+    def _url(cls, value: str) -> str:
+        hint = "use sqlite:///path/to/file.db or postgresql://user:password@host:5432/db"
+        try:
+            url = make_url(value)
+            url.port  # noqa: B018 - parsing the port is the check
+        except (ArgumentError, ValueError):
+            raise ValueError(f"not a database URL; {hint}") from None
+        if url.drivername not in (*SQLITE_SCHEMES, *POSTGRES_SCHEMES):
+            raise ValueError(f"unsupported database {url.drivername!r}; {hint}")
         return value
 
 
@@ -131,6 +144,8 @@ class DispatcherSettings(Section):
     first_status_check_seconds: float = Field(1.0, ge=0)
     #: how long past EMAIL_TIMEOUT_SECONDS a process that died mid-send keeps its deliveries leased
     lease_margin_seconds: float = Field(15.0, gt=0)
+    #: how often the escalation_deliveries gauge is recounted (a count over the whole table)
+    gauge_refresh_seconds: float = Field(10.0, gt=0)
 
 
 class BrandSettings(Section):
@@ -250,7 +265,7 @@ class Settings(Section):
     brand: BrandSettings = Field(default_factory=BrandSettings)
     links: LinkSettings = Field(default_factory=LinkSettings)
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
-    use_cases: dict[str, UseCaseSettings] = Field(default_factory=dict)
+    use_cases: dict[str, UseCaseSettings] = Field(default_factory=dict, validate_default=True)
     #: raw per-transport blocks; each transport's settings model validates its own
     transports: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: directory the config file lives in; template paths resolve against it
@@ -362,8 +377,24 @@ def load_settings(
             node = node.setdefault(key, {})
         node[last] = value
         origin[dotted] = f"--{last.replace('_', '-')}"
-    data["base_dir"] = (path.parent if path else Path.cwd()).resolve()
+    data["base_dir"] = base_dir = (path.parent if path else Path.cwd()).resolve()
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(describe_validation_error(err, origin, str(path or "built-in defaults"))) from None
+        message = describe_validation_error(err, origin, str(path or "built-in defaults"))
+        if path is None:
+            message += (f"\n(no {DEFAULT_CONFIG_NAME} in {Path.cwd()}: run from the directory that holds it, "
+                        "or pass --config PATH / set ESCALATION_CONFIG)")
+        raise ConfigError(message) from None
+    if "store.database_url" not in origin:
+        # A relative SQLite path written in the config file is relative to that file, like templates.
+        settings.store.database_url = _anchored(settings.store.database_url, base_dir)
+    return settings
+
+
+def _anchored(database_url: str, base_dir: Path) -> str:
+    url = make_url(database_url)
+    relative = url.database not in (None, "", ":memory:") and not Path(url.database).is_absolute()
+    if url.drivername in SQLITE_SCHEMES and relative:
+        return str(url.set(database=str(base_dir / str(url.database))))
+    return database_url

@@ -44,8 +44,8 @@ from gateway.transport import OutgoingMessage, Receipt, StatusUpdate, Transport
 
 log = logging.getLogger("gateway.dispatcher")
 
-#: how often the escalation_deliveries gauge is recounted from the store
-GAUGE_REFRESH_SECONDS = 10.0
+#: how many times the background loop tries to record one outcome before leaving it to the lease
+RECORD_ATTEMPTS = 3
 
 _UNITS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 
@@ -119,8 +119,7 @@ class Dispatcher:
         self._stopping = asyncio.Event()
         self._tasks: dict[asyncio.Task[None], DeliveryRecord] = {}
         self._loop_task: asyncio.Task[None] | None = None
-        self._counted_at = -GAUGE_REFRESH_SECONDS
-        self._slots = asyncio.Semaphore(settings.dispatcher.concurrency)
+        self._counted_at: float | None = None
         # Outcomes waiting for the next store write, and the task writing them (`_record_soon`).
         self._unrecorded: list[tuple[Outcome, asyncio.Future[None]]] = []
         self._recorder: asyncio.Task[None] | None = None
@@ -155,11 +154,10 @@ class Dispatcher:
         deadline = started + self.settings.email.timeout_seconds
         tally = _Tally(before=record.attempts)
         last: DeliveryError | None = None
-        tried: list[str] = []
+        transient = False  # some transport failed only for now: worth trying again later
         extra = {**context, "role": record.role, "recipient": _shown(record)}
-        for transport in self.chain:
-            tried.append(transport.name)
-            tries = self.settings.email.retry_count if inline else 1
+        for position, transport in enumerate(self.chain):
+            tries = self._tries(inline, tally, transports_left=len(self.chain) - position)
             try:
                 receipt = await self._send_with_retries(transport, message, deadline, tries, tally, extra)
             except Throttled as throttled:
@@ -179,15 +177,24 @@ class Dispatcher:
                 )
                 return self._failed(record, tally, transport.name, str(err))
             except TransientDeliveryError as err:
-                last = err
+                last, transient = err, True
                 continue
             return self._sent(record, tally, transport, receipt, time.monotonic() - started, extra)
         assert last is not None
-        name = tried[-1]
-        if isinstance(last, PermanentDeliveryError):
-            return self._failed(record, tally, name, f"every transport refused: {last}")
+        # Nothing refused this message itself: the transports were down or unusable (credentials,
+        # misconfiguration), which a later attempt or a fixed configuration can cure. It stays
+        # queued with growing delays, up to the retry horizon, never failed outright.
         retry_after = last.retry_after if isinstance(last, TransientDeliveryError) else None
-        return self._queued(record, tally, name, str(last), retry_after, backoff=True)
+        error = str(last) if transient else f"no transport is usable: {last}"
+        return self._queued(record, tally, self.chain[-1].name, error, retry_after, backoff=True)
+
+    def _tries(self, inline: bool, tally: _Tally, transports_left: int) -> int:
+        """Attempts for the next transport: EMAIL_RETRY_COUNT is per delivery, shared along the
+        failover chain, and every transport gets at least one (the background makes one each)."""
+        if not inline:
+            return 1
+        budget = self.settings.email.retry_count - tally.attempts
+        return max(1, budget - (transports_left - 1))
 
     async def _send_with_retries(
         self,
@@ -388,9 +395,6 @@ class Dispatcher:
 
     # -- background loop -------------------------------------------------------------------------
 
-    def wake(self) -> None:
-        self._wake.set()
-
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._run(), name="gateway-dispatcher")
 
@@ -406,7 +410,8 @@ class Dispatcher:
             self._wake.clear()
 
     async def _tick(self) -> None:
-        if time.monotonic() - self._counted_at >= GAUGE_REFRESH_SECONDS:
+        refresh = self.settings.dispatcher.gauge_refresh_seconds
+        if self._counted_at is None or time.monotonic() - self._counted_at >= refresh:
             # A count over the whole table: worth doing now and then, not every round.
             self._counted_at = time.monotonic()
             counts = await self.store.count_by_status()
@@ -433,12 +438,28 @@ class Dispatcher:
             "email_id": record.email_id,
             "use_case": record.use_case,
         }
-        if record.status == "queued":
-            outcome = await self._deliver(record, inline=False, context=context)
-            self._count(record, outcome)
-        else:
-            outcome = await self._confirm(record)
-        await self._record([outcome])
+        try:
+            if record.status == "queued":
+                outcome = await self._deliver(record, inline=False, context=context)
+                self._count(record, outcome)
+            else:
+                outcome = await self._confirm(record)
+        except Exception:
+            # A bug, not a delivery outcome: the lease runs out and the delivery is tried again.
+            log.exception("processing delivery %s failed", record.id, extra=context)
+            return
+        for attempt in range(1, RECORD_ATTEMPTS + 1):
+            try:
+                await self._record([outcome])
+                return
+            except Exception:
+                if attempt == RECORD_ATTEMPTS:
+                    # Sent but not recorded: the lease runs out and the message goes again, with the
+                    # same Message-ID. Say so loudly; there is nothing better to do without a store.
+                    log.exception("could not record the outcome of delivery %s (%s)", record.id,
+                                  outcome.status, extra=context)
+                    return
+                await asyncio.sleep(0.2 * attempt)
 
     def _count(self, record: DeliveryRecord, outcome: Outcome) -> None:
         self.metrics.emails.labels(

@@ -97,7 +97,8 @@ class Metrics:
         )
         self.deliveries = Gauge(
             "escalation_deliveries",
-            "Deliveries in the store by status, refreshed by the dispatcher each round; "
+            "Deliveries in the store by status, recounted by the dispatcher every "
+            "dispatcher.gauge_refresh_seconds (10 s by default); "
             "status=queued is the pending backlog. Store-wide: replicas sharing a database report "
             "the same numbers (aggregate with max, not sum).",
             ["status"],

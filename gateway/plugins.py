@@ -35,11 +35,17 @@ def load_plugins() -> pluggy.PluginManager:
     """Load the default plugins and every `gateway` entry point, once."""
     global _loaded
     if not _loaded:
+        try:
+            for module_name in DEFAULT_PLUGINS:
+                if pm.get_plugin(module_name) is None:
+                    pm.register(__import__(module_name, fromlist=["_"]), module_name)
+            pm.load_setuptools_entrypoints("gateway")
+            pm.check_pending()
+        except pluggy.PluginValidationError as err:
+            raise StartupError(f"a plugin has a hook that no spec declares: {err}") from None
+        except Exception as err:  # an installed plugin that cannot even be imported
+            raise StartupError(f"a `gateway` plugin failed to load: {type(err).__name__}: {err}") from err
         _loaded = True
-        for module_name in DEFAULT_PLUGINS:
-            pm.register(__import__(module_name, fromlist=["_"]), module_name)
-        pm.load_setuptools_entrypoints("gateway")
-        pm.check_pending()
     return pm
 
 
@@ -96,8 +102,10 @@ def template_context(use_case: str, role: str) -> dict[str, Any]:
 def transport_settings(cls: type[Transport], block: dict[str, Any] | None) -> Any:
     """Validate one `transports.<name>` block (environment first) with the class's model."""
     values = {k: v for k, v in (block or {}).items() if k not in CORE_TRANSPORT_KEYS}
+    # A model that names no prefix reads <NAME>_<FIELD> (never a bare HOST or PORT).
+    prefix = cls.settings_model.model_config.get("env_prefix") or f"{cls.name.upper()}_"
     try:
-        return cls.settings_model(**values)
+        return cls.settings_model(_env_prefix=prefix, **values)
     except ValidationError as err:
         lines = [f"invalid settings for transport {cls.name!r}:"]
         for problem in err.errors():

@@ -86,7 +86,10 @@ class EscalationService:
                 created_at=created_at,
                 local_day=local.strftime("%Y%m%d"),
                 new_deliveries=messages,
-                recipient_cap=self.settings.email.per_recipient_hourly_cap,
+                # The bank's own team address is never capped, even when given as the customer's.
+                recipient_cap=None
+                if request["customer_email"] == self.settings.email.support_team
+                else self.settings.email.per_recipient_hourly_cap,
                 lease_owner=self.dispatcher.owner,
                 lease_until=self.dispatcher.lease_until(created_at),
                 give_up_at=created_at + timedelta(hours=self.settings.email.retry_horizon_hours),

@@ -196,7 +196,8 @@ class StatusUpdate:
 
 class TransportSettings(BaseSettings):
     """Base for a transport's settings: the config block `transports.<name>`, overridden by
-    the environment. Unknown keys are refused; secrets belong in `SecretStr` fields."""
+    the environment (`<NAME>_<FIELD>` unless the model sets its own `env_prefix`). Unknown keys
+    are refused; secrets belong in `SecretStr` fields."""
 
     model_config = SettingsConfigDict(extra="forbid", env_prefix="", case_sensitive=False)
 

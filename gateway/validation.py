@@ -40,8 +40,8 @@ MAX_ID_CHARS = 256
 def check_address(value: str) -> str:
     """A plain ASCII address (no display name), syntax only: no DNS look-up.
 
-    Returns it normalized and lower-cased (so `Loop@x` and `loop@x` share one per-recipient
-    cap), an internationalized domain in its ASCII (IDNA) form.
+    Returns it normalized (the domain lower-cased; the part before the @ as given), an
+    internationalized domain in its ASCII (IDNA) form.
     Non-ASCII local parts need SMTPUTF8, which not every transport offers, so
     they are refused with a message that says so rather than mis-delivered.
     """
@@ -60,7 +60,7 @@ def check_address(value: str) -> str:
         )
     except EmailNotValidError as err:
         raise ValueError(f"not a valid email address: {_masked(str(err), value)}") from None
-    return (result.ascii_email or result.normalized).lower()
+    return result.ascii_email or result.normalized
 
 
 @dataclass(frozen=True)

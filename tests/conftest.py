@@ -12,7 +12,14 @@ from sqlalchemy.engine import make_url
 
 from gateway.app import Gateway
 from gateway.config import Settings, load_settings
-from tests.support import clean_env, write_config
+from tests.support import clean_env, is_gateway_variable, write_config
+
+
+@pytest.fixture(autouse=True)
+def _no_gateway_variables_from_the_shell(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests set what they need; a developer's SMTP_HOST or FILE_SINK_DIR must not leak in."""
+    for name in [n for n in os.environ if is_gateway_variable(n)]:
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture

@@ -96,8 +96,17 @@ CONTRACT_VARIABLES = (
 )
 
 
+#: prefixes of the transports' own variables (SMTP_POOL_SIZE, ACS_ENDPOINT, ...)
+TRANSPORT_PREFIXES = ("SMTP_", "ACS_", "FILE_SINK_", "FILE_", "AZURE_COMMUNICATION_")
+
+
+def is_gateway_variable(name: str) -> bool:
+    return name in CONTRACT_VARIABLES or name.startswith(TRANSPORT_PREFIXES)
+
+
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in CONTRACT_VARIABLES}
+    """The process environment without anything the gateway reads, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not is_gateway_variable(k)}
     env.update(extra or {})
     return env
 
@@ -134,14 +143,23 @@ def wait_for(
 
 @dataclass
 class GatewayProcess:
-    """`escalation-comms serve` in a subprocess on a free port."""
+    """`escalation-comms serve` in a subprocess on a free port (a new one if it was taken meanwhile).
+
+    Its stderr (the log) goes to `log_path`, its stdout to `stdout_path`: under `serve`, stdout
+    stays empty.
+    """
 
     config: Path
     env: dict[str, str] = field(default_factory=dict)
-    port: int = field(default_factory=free_port)
+    port: int = 0  # 0: any free port
     args: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        self._auto_port = self.port == 0
+        if self._auto_port:
+            self.port = free_port()
 
     @property
     def url(self) -> str:
@@ -151,9 +169,21 @@ class GatewayProcess:
     def mcp_url(self) -> str:
         return f"{self.url}/mcp"
 
+    @property
+    def stdout_path(self) -> Path:
+        assert self.log_path is not None
+        return self.log_path.with_suffix(".stdout")
+
     def start(self, timeout: float = 30.0) -> GatewayProcess:
+        for _ in range(3):
+            if self._launch(timeout):
+                return self
+            # Another process took the free port between our probe and the bind: take a new one.
+            self.port, self.log_path = free_port(), None
+        raise AssertionError(f"gateway could not bind a free port:\n{self.logs()}")
+
+    def _launch(self, timeout: float) -> bool:
         self.log_path = self.log_path or self.config.parent / f"gateway-{self.port}.log"
-        log = self.log_path.open("ab")
         cmd = [
             sys.executable,
             "-m",
@@ -165,21 +195,27 @@ class GatewayProcess:
             str(self.port),
             *self.args,
         ]
-        self.proc = subprocess.Popen(
-            cmd, env=clean_env(self.env), stdout=log, stderr=subprocess.STDOUT, cwd=self.config.parent
-        )
+        with self.log_path.open("ab") as log, self.stdout_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                cmd, env=clean_env(self.env), stdout=out, stderr=log, cwd=self.config.parent
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if self._auto_port and "address already in use" in self.logs():
+                    return False
                 raise AssertionError(f"gateway exited with {self.proc.returncode}:\n{self.logs()}")
             try:
                 if httpx2.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
+                    return True
             except httpx2.HTTPError:
                 pass
             time.sleep(0.1)
         self.stop()
         raise AssertionError(f"gateway did not become healthy:\n{self.logs()}")
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace") if self.stdout_path.exists() else ""
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""

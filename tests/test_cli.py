@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.smtp_sink import SMTPSink
 from tests.support import SAMPLE_CALL, clean_env, outbox
 
 
@@ -109,16 +110,29 @@ def test_preview_writes_a_gallery_of_every_email(config_factory: Callable[..., P
 
 def test_failed_deliveries_are_listed_and_requeued(config_factory: Callable[..., Path]) -> None:
     config = config_factory()
+    with SMTPSink() as sink:
+        sink.refuse_recipient(SAMPLE_CALL["customer_email"], code=550)
+        env = {"EMAIL_TRANSPORT": "smtp", **sink.env()}
+        sent = json.loads(cli(*send_args(), config=config, env=env).stdout)
+        assert sent["status"] == "partial"
+        customer = sent["deliveries"][0]
+        assert customer["status"] == "failed" and "550" in customer["error"]
+
+        listed = [json.loads(line) for line in cli("deliveries", "list", config=config).stdout.splitlines()]
+        assert [(row["role"], row["email_id"]) for row in listed] == [("customer", sent["email_id"])]
+        done = cli("deliveries", "requeue", listed[0]["delivery_id"], config=config)
+        assert done.returncode == 0 and "requeued 1" in done.stdout
+        status = json.loads(cli("status", sent["email_id"], config=config).stdout)
+        assert [d["status"] for d in status["deliveries"]] == ["queued", "sent"]
+        assert status["status"] == "queued"
+
+
+def test_a_transport_that_cannot_work_leaves_deliveries_queued_not_failed(
+    config_factory: Callable[..., Path],
+) -> None:
+    config = config_factory()
     blocker = config.parent / "blocked"
     blocker.write_text("a file where the outbox directory should be")
-    failed = json.loads(cli(*send_args(), config=config, env={"FILE_SINK_DIR": str(blocker)}).stdout)
-    assert failed["status"] == "failed"
-    assert all("cannot write" in d["error"] for d in failed["deliveries"])
-
-    listed = [json.loads(line) for line in cli("deliveries", "list", config=config).stdout.splitlines()]
-    assert sorted(row["role"] for row in listed) == ["bank_team", "customer"]
-    done = cli("deliveries", "requeue", listed[0]["delivery_id"], config=config)
-    assert done.returncode == 0 and "requeued 1" in done.stdout
-    status = json.loads(cli("status", failed["email_id"], config=config).stdout)
-    assert sorted(d["status"] for d in status["deliveries"]) == ["failed", "queued"]
-    assert status["status"] == "queued"
+    result = json.loads(cli(*send_args(), config=config, env={"FILE_SINK_DIR": str(blocker)}).stdout)
+    assert result["status"] == "queued"
+    assert all(d["status"] == "queued" and "no transport is usable" in d["error"] for d in result["deliveries"])

@@ -16,7 +16,7 @@ def test_repository_config_loads_with_the_contract_defaults() -> None:
     settings = load_settings(ROOT / "config.yaml", env=clean_env())
     assert (settings.server.host, settings.server.port) == ("127.0.0.1", 8078)
     assert settings.transport_chain == ["file"]
-    assert settings.store.database_url == "sqlite:///var/gateway.db"
+    assert settings.store.database_url == f"sqlite:///{ROOT / 'var' / 'gateway.db'}"
     assert settings.email.sender == "noreply@bankx.com"
     assert settings.email.support_team == "support@bankx.com"
     assert (settings.email.retry_count, settings.email.timeout_seconds) == (3, 30)
@@ -81,7 +81,7 @@ def test_bad_value_from_the_environment_names_the_key_and_the_variable(
         ({"validation": {"ticket_id_pattern": "(["}}, r"validation\.ticket_id_pattern: not a valid regular"),
         ({"use_cases": {"uc4": {"title": "x"}}}, r"use case name 'uc4'"),
         ({"use_cases": {"UC4": {"priority": "asap", "title": "x"}}}, r"use_cases\.UC4\.priority"),
-        ({"store": {"database_url": "mysql://x"}}, r"store\.database_url: use sqlite"),
+        ({"store": {"database_url": "mysql://x"}}, r"store\.database_url: unsupported database .mysql."),
         ({"email": {"retry_count": 0}}, r"email\.retry_count"),
     ],
 )
@@ -114,3 +114,29 @@ def test_template_paths_resolve_against_the_config_directory(config_factory: Cal
     settings = load_settings(path, env=clean_env())
     assert settings.base_dir == path.parent.resolve()
     assert settings.resolve("templates/customer/body.mjml").is_file()
+
+
+def test_relative_sqlite_path_in_the_config_file_is_relative_to_that_file(
+    config_factory: Callable[..., Path],
+) -> None:
+    path = config_factory({"store": {"database_url": "sqlite:///state/escalations.db"}})
+    from_file = load_settings(path, env=clean_env())
+    assert from_file.store.database_url == f"sqlite:///{path.parent.resolve() / 'state' / 'escalations.db'}"
+    from_env = load_settings(path, env=clean_env({"DATABASE_URL": "sqlite:///here.db"}))
+    assert from_env.store.database_url == "sqlite:///here.db"  # the environment's is the caller's own
+
+
+def test_no_config_file_and_no_use_cases_stops_with_a_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"use_cases: configure at least one use case(.|\n)*--config"):
+        load_settings(None, env=clean_env())
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://db/x", "postgresql://u@h:port/db", "nonsense"])
+def test_a_database_url_the_store_cannot_open_is_refused_at_check(
+    config_factory: Callable[..., Path], url: str
+) -> None:
+    with pytest.raises(ConfigError, match=r"store\.database_url \(set by DATABASE_URL\)"):
+        load_settings(config_factory(), env=clean_env({"DATABASE_URL": url}))

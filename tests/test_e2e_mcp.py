@@ -247,10 +247,12 @@ async def test_email_ids_continue_after_a_restart(site: Path) -> None:
     assert numbers == [numbers[0], numbers[0] + 1]
 
 
-def test_health_endpoints_answer(server: GatewayProcess) -> None:
+def test_health_endpoints_answer_and_logs_go_to_stderr_only(server: GatewayProcess) -> None:
     import httpx2
 
     assert httpx2.get(f"{server.url}/healthz").json() == {"status": "ok"}
     ready = httpx2.get(f"{server.url}/readyz")
     assert ready.status_code == 200 and json.loads(ready.text)["checks"]["store"] == "ok"
     wait_for(lambda: "escalation_requests" in httpx2.get(f"{server.url}/metrics").text, message="metrics")
+    assert "gateway ready" in server.logs()  # stderr
+    assert server.stdout() == ""

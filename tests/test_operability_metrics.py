@@ -53,7 +53,9 @@ def value(families: dict[str, list[Sample]], sample_name: str, **labels: str) ->
 
 @pytest.fixture
 def gateway(config_factory: Callable[..., Path]) -> Iterator[GatewayProcess]:
-    with GatewayProcess(config_factory()) as process:
+    # A short gauge recount, so the backlog gauge can be watched moving within a test.
+    patch = {"dispatcher": {"poll_interval_seconds": 0.1, "gauge_refresh_seconds": 0.2}}
+    with GatewayProcess(config_factory(patch)) as process:
         yield process
 
 
@@ -102,9 +104,10 @@ async def test_metrics_after_real_calls_count_requests_and_emails_with_their_lab
     assert value(m, "escalation_render_duration_seconds_count") >= 2
     assert value(m, "escalation_render_duration_seconds_sum") > 0
 
-    # The dispatcher's next round publishes the store's counts: both escalations' four emails are sent.
+    # The dispatcher's next recount publishes the store's counts: both escalations' four emails are sent.
     wait_for(
         lambda: value(scrape(gateway), "escalation_deliveries", status="sent") == 4,
+        timeout=30,
         message="escalation_deliveries{status=sent} to reach 4",
     )
     assert value(scrape(gateway), "escalation_deliveries", status="queued") == 0

@@ -212,7 +212,7 @@ def assert_delivered_safely(harness: Harness, call: dict[str, Any], result: Esca
     query, reason = cleaned_text(call["query"]), cleaned_text(call["reason"])
     assert result.status == "sent", result
     local, _, domain = call["customer_email"].strip().rpartition("@")
-    assert result.recipients.customer.rpartition("@")[0] == local.lower(), "the address was rewritten"
+    assert result.recipients.customer.rpartition("@")[0] == local, "the address was rewritten"
     if domain.isascii():
         assert result.recipients.customer.rpartition("@")[2] == domain.lower()
     links = configured_links(harness.settings, ticket, customer_id, use_case)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import functools
-import hashlib
 import json
 import sqlite3
 import threading
@@ -41,6 +40,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Update
 
+from gateway.config import POSTGRES_SCHEMES, SQLITE_SCHEMES
 from gateway.errors import ConfigError, RecipientLimitError, TicketConflictError
 from gateway.store import schema
 from gateway.store.schema import counters, deliveries, escalations, rate_events, rate_limiters
@@ -48,6 +48,8 @@ from gateway.transport import DeliveryStatus, OutgoingMessage
 
 _T = TypeVar("_T")
 _DELIVERY_COLUMNS = [c for c in deliveries.c]
+#: PostgreSQL: serialises the escalations of one recipient address (see `Store._lock_recipient`)
+_RECIPIENT_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:address, 0))")
 #: PostgreSQL advisory lock key held while the schema is created or upgraded (one replica at a time)
 MIGRATION_LOCK = 724106
 
@@ -146,9 +148,9 @@ def driver_url(database_url: str) -> str:
     """Map the contract's URLs onto the drivers: asyncpg for PostgreSQL, the standard library's
     sqlite3 (on the store's own thread, see `_SqliteThread`) for SQLite."""
     url = make_url(database_url)
-    if url.drivername in ("sqlite", "sqlite+pysqlite", "sqlite+aiosqlite"):
+    if url.drivername in SQLITE_SCHEMES:
         return str(url.set(drivername="sqlite"))
-    if url.drivername in ("postgresql", "postgres", "postgresql+asyncpg"):
+    if url.drivername in POSTGRES_SCHEMES:
         return url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
     raise ConfigError(f"DATABASE_URL: unsupported database {url.drivername!r}; use sqlite or postgresql")
 
@@ -297,12 +299,17 @@ class Store:
         if parsed.drivername.startswith("sqlite"):
             if parsed.database and parsed.database != ":memory:":
                 await asyncio.to_thread(_enable_wal, Path(parsed.database))
-            sqlite = create_engine(url, connect_args={"timeout": 30})
+            # hide_parameters: an error's message must never carry an email's text into a log.
+            sqlite = create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
             event.listen(sqlite, "connect", _sqlite_pragmas)
             event.listen(sqlite, "begin", _sqlite_begin)
             store = cls(None, sqlite)
         else:
-            store = cls(create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True))
+            store = cls(
+                create_async_engine(
+                    url, pool_size=10, max_overflow=10, pool_pre_ping=True, hide_parameters=True
+                )
+            )
         try:
             await store.migrate()
         except BaseException:
@@ -345,7 +352,7 @@ class Store:
         created_at: datetime,
         local_day: str,
         new_deliveries: Sequence[NewDelivery],
-        recipient_cap: int,
+        recipient_cap: int | None,
         lease_owner: str,
         lease_until: datetime,
         give_up_at: datetime,
@@ -363,13 +370,14 @@ class Store:
                         return self._replay(earlier, payload_hash)
                     customer = next(d for d in new_deliveries if d.role == "customer")
                     address = customer.message.recipients[0]
-                    if self.dialect != "sqlite":  # SQLite's BEGIN IMMEDIATE already admits one writer
-                        await self._lock_recipient(conn, address)
-                        # A concurrent identical call may have committed while we waited for the lock.
-                        earlier = await self._find(conn, use_case, ticket_id)
-                        if earlier is not None:
-                            return self._replay(earlier, payload_hash)
-                    await self._check_recipient_cap(conn, address, created_at, recipient_cap)
+                    if recipient_cap is not None:
+                        if self.dialect != "sqlite":  # SQLite's BEGIN IMMEDIATE admits one writer anyway
+                            await self._lock_recipient(conn, address)
+                            # A concurrent identical call may have committed while we waited.
+                            earlier = await self._find(conn, use_case, ticket_id)
+                            if earlier is not None:
+                                return self._replay(earlier, payload_hash)
+                        await self._check_recipient_cap(conn, address, created_at, recipient_cap)
                     number = await self._next_number(conn, f"{use_case}:{local_day}")
                     email_id = f"EMAIL-{use_case}-{local_day}-{number:03d}"
                     await conn.execute(
@@ -417,14 +425,13 @@ class Store:
         return Accepted(record=earlier, replay=True)
 
     async def _lock_recipient(self, conn: AsyncConnection, address: str) -> None:
-        """Row-lock this address until commit, so its escalations are capped one at a time.
+        """Lock this address until commit (PostgreSQL), so its escalations are capped one at a time.
 
         Without it, two replicas escalating for one customer under READ COMMITTED would both
-        count the same rows and both pass at cap - 1. The upsert creates the row when missing and
-        locks it on any database; the name is a digest so it fits and keeps the address out.
+        count the same rows and both pass at cap - 1. A transaction-scoped advisory lock on the
+        address's hash leaves nothing behind in the database.
         """
-        digest = hashlib.sha256(address.encode()).hexdigest()[:48]
-        await self._next_number(conn, f"recipient:{digest}")
+        await conn.execute(_RECIPIENT_LOCK, {"address": address})
 
     async def _check_recipient_cap(
         self, conn: AsyncConnection, address: str, now: datetime, cap: int
@@ -556,15 +563,6 @@ class Store:
                 select(deliveries).where(deliveries.c.id.in_(ids), deliveries.c.lease_owner == owner)
             )
             return [DeliveryRecord.from_row(r) for r in rows]
-
-    @_on_sqlite_thread
-    async def extend_lease(self, ids: Iterable[str], owner: str, lease_until: datetime) -> None:
-        async with self._writing() as conn:
-            await conn.execute(
-                update(deliveries)
-                .where(deliveries.c.id.in_(list(ids)), deliveries.c.lease_owner == owner)
-                .values(lease_until=lease_until)
-            )
 
     @_on_sqlite_thread
     async def record(self, outcomes: Sequence[Outcome], owner: str) -> list[str]:

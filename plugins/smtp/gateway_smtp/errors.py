@@ -34,7 +34,6 @@ from aiosmtplib import (
     SMTPResponseException,
     SMTPSenderRefused,
     SMTPServerDisconnected,
-    SMTPTimeoutError,
 )
 
 from gateway.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
@@ -136,8 +135,6 @@ def delivery_error(err: BaseException, *, server: str, step: str, scrub: Scrubbe
         return TransientDeliveryError(f"cannot connect to SMTP server {server}: {reason}")
     if isinstance(err, SMTPNotSupported):
         return PermanentDeliveryError(f"{server} cannot take this message: {scrub(err.message)}")
-    if isinstance(err, SMTPTimeoutError):  # pragma: no cover - TimeoutError above catches it
-        return TransientDeliveryError(f"{server} did not answer in time")
     if isinstance(err, SMTPException):
         # aiosmtplib raises the bare class for a server without STARTTLS or AUTH, or no common
         # AUTH mechanism: the configuration does not match this server.

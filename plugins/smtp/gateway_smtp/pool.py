@@ -77,17 +77,12 @@ class ConnectionPool:
         self.max_messages = max_messages
         self._slots = asyncio.Semaphore(size)
         self._idle: list[Connection] = []
-        self._quitting: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @property
     def saturated(self) -> bool:
         """Every slot is taken right now."""
         return self._slots.locked()
-
-    @property
-    def idle(self) -> int:
-        return len(self._idle)
 
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[Lease]:
@@ -99,8 +94,10 @@ class ConnectionPool:
         try:
             yield lease
         finally:
-            self._give_back(lease)
-            self._slots.release()
+            try:
+                await self._give_back(lease)
+            finally:
+                self._slots.release()
 
     def _take_idle(self) -> Connection | None:
         now = time.monotonic()
@@ -111,17 +108,16 @@ class ConnectionPool:
             connection.close()
         return None
 
-    def _give_back(self, lease: Lease) -> None:
+    async def _give_back(self, lease: Lease) -> None:
         connection = lease.connection
         lease.connection = None
         if connection is None:
             return
         spent = bool(self.max_messages) and connection.messages >= self.max_messages
         if spent and connection.is_open and not self._closed:
+            # QUIT while still holding the slot: its replacement must not open before it closed.
             log.debug("SMTP connection sent its %d messages; closing it", connection.messages)
-            task = asyncio.get_running_loop().create_task(_quit(connection))
-            self._quitting.add(task)
-            task.add_done_callback(self._quitting.discard)
+            await _quit(connection)
         elif self._closed or spent or not connection.is_open:
             connection.close()
         else:
@@ -131,7 +127,7 @@ class ConnectionPool:
         """Stop lending; QUIT and close idle connections. Those in use close when given back."""
         self._closed = True
         idle, self._idle = self._idle, []
-        pending = [_quit(c, quit_wait) for c in idle] + list(self._quitting)
+        pending = [_quit(c, quit_wait) for c in idle]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
