@@ -320,6 +320,11 @@ class SMTPSink:
         with self._lock:
             self._script.refused[address.lower()] = code
 
+    def accept_recipient(self, address: str) -> None:
+        """Take back `refuse_recipient`: RCPT TO:<address> is accepted again."""
+        with self._lock:
+            self._script.refused.pop(address.lower(), None)
+
     def drop_after_each_message(self, enabled: bool = True) -> None:
         """Close the connection right after answering 250 to each message."""
         with self._lock:

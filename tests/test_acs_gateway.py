@@ -127,6 +127,11 @@ async def test_sendemail_is_sent_after_the_202s_then_both_deliveries_are_confirm
     assert {s.operation_id for s in polls} == set(fake.operations)
     assert len(polls) >= 4  # each operation answered Running once before Succeeded
 
+    # The confirmations are measured: two observations of the confirmation-latency histogram.
+    exposition = httpx2.get(f"{gateway.url}/metrics").text
+    count = 'escalation_delivery_confirmation_duration_seconds_count{transport="acs"}'
+    assert f"{count} 2.0" in exposition
+
 
 async def test_a_503_then_success_creates_one_operation_at_acs(
     gateway: GatewayProcess, fake: FakeAcs

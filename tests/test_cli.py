@@ -8,8 +8,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from gateway.models import EscalationResult
 from tests.smtp_sink import SMTPSink
-from tests.support import SAMPLE_CALL, clean_env, outbox
+from tests.support import SAMPLE_CALL, GatewayProcess, clean_env, outbox
 
 
 def cli(*args: str, config: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -47,6 +48,7 @@ def test_send_prints_the_tool_json_and_status_reads_it_back(config_factory: Call
     sent = cli(*send_args(), config=config)
     assert sent.returncode == 0, sent.stderr
     result = json.loads(sent.stdout)
+    assert set(result) == set(EscalationResult.model_fields)  # the tool's own result shape
     assert result["status"] == "sent" and result["email_id"].startswith("EMAIL-UC2-")
     assert {d["role"] for d in result["deliveries"]} == {"customer", "bank_team"}
     assert len(outbox(config.parent / "outbox")) == 2
@@ -126,6 +128,14 @@ def test_failed_deliveries_are_listed_and_requeued(config_factory: Callable[...,
         assert [d["status"] for d in status["deliveries"]] == ["queued", "sent"]
         assert status["status"] == "queued"
 
+        # Once the recipient is fixed, a running server sends it again, with the same Message-ID.
+        sink.accept_recipient(SAMPLE_CALL["customer_email"])
+        with GatewayProcess(config, env=env):
+            [resent] = [
+                m for m in sink.wait_for(2, timeout=30) if m.recipients == (SAMPLE_CALL["customer_email"],)
+            ]
+        assert resent.message_id == customer["message_id"]
+
 
 def test_a_transport_that_cannot_work_leaves_deliveries_queued_not_failed(
     config_factory: Callable[..., Path],
@@ -135,4 +145,6 @@ def test_a_transport_that_cannot_work_leaves_deliveries_queued_not_failed(
     blocker.write_text("a file where the outbox directory should be")
     result = json.loads(cli(*send_args(), config=config, env={"FILE_SINK_DIR": str(blocker)}).stdout)
     assert result["status"] == "queued"
-    assert all(d["status"] == "queued" and "no transport is usable" in d["error"] for d in result["deliveries"])
+    assert all(
+        d["status"] == "queued" and "no transport is usable" in d["error"] for d in result["deliveries"]
+    )

@@ -256,3 +256,47 @@ def test_health_endpoints_answer_and_logs_go_to_stderr_only(server: GatewayProce
     wait_for(lambda: "escalation_requests" in httpx2.get(f"{server.url}/metrics").text, message="metrics")
     assert "gateway ready" in server.logs()  # stderr
     assert server.stdout() == ""
+
+
+async def test_sender_and_team_addresses_come_from_the_environment(
+    config_factory: Callable[..., Path],
+) -> None:
+    site = config_factory()
+    env = {"SENDER_EMAIL": "alerts@bank.example", "SUPPORT_TEAM_EMAIL": "escalations@bank.example"}
+    with GatewayProcess(site, env=env) as server:
+        result = await call(server.mcp_url, "sendemail", SAMPLE_CALL)
+    assert result.structured_content["recipients"]["bank_team"] == "escalations@bank.example"
+    mails = by_subject(site.parent / "outbox")
+    customer = mails["Support Ticket Created: TKT-2025-001234"]
+    team = mails["New Support Ticket: TKT-2025-001234 (UC2)"]
+    assert (customer["From"], customer["To"]) == ("alerts@bank.example", "customer@example.com")
+    assert (team["From"], team["To"]) == ("alerts@bank.example", "escalations@bank.example")
+    assert customer["Message-ID"].endswith("@bank.example>")  # ids are minted in the sender's domain
+
+
+async def test_email_id_date_and_sent_at_follow_the_configured_time_zone(
+    config_factory: Callable[..., Path],
+) -> None:
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    zone = "America/Los_Angeles"
+    with GatewayProcess(config_factory({"email": {"timezone": zone}})) as server:
+        result = await call(server.mcp_url, "sendemail", SAMPLE_CALL)
+    data = result.structured_content
+    sent_at = datetime.fromisoformat(data["sent_at"])
+    assert sent_at.utcoffset() == datetime.now(ZoneInfo(zone)).utcoffset()
+    assert data["email_id"].split("-")[2] == sent_at.strftime("%Y%m%d")
+
+
+def test_the_console_script_is_installed_and_runs(site: Path) -> None:
+    import shutil
+    import subprocess
+
+    script = shutil.which("escalation-comms", path=str(Path(sys.executable).parent))
+    assert script is not None, "the escalation-comms console script is not installed beside python"
+    done = subprocess.run(
+        [script, "check", "--config", str(site)], capture_output=True, text=True, env=clean_env(), timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "config OK" in done.stdout
