@@ -12,7 +12,7 @@ from sqlalchemy.engine import make_url
 
 from gateway.app import Gateway
 from gateway.config import Settings, load_settings
-from tests.support import clean_env, is_gateway_variable, write_config
+from tests.support import GATEWAY_LOGS, clean_env, full_customer_addresses, is_gateway_variable, write_config
 
 
 @pytest.fixture(autouse=True)
@@ -95,3 +95,23 @@ async def _admin(url: str, statement: str) -> None:
         await conn.execute(statement)
     finally:
         await conn.close()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The logs of the whole run hold no full customer address (issue: privacy in logs).
+
+    Every gateway process a test started wrote its log to a file; any customer address in
+    one of them, unmasked, fails the run."""
+    found: dict[str, set[str]] = {}
+    for path in dict.fromkeys(GATEWAY_LOGS):
+        if path.exists():
+            leaked = full_customer_addresses(path.read_text(errors="replace"))
+            if leaked:
+                found[str(path)] = leaked
+    if found:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"{path}: {sorted(addresses)}" for path, addresses in found.items()]
+        message = "full customer addresses in gateway logs:\n  " + "\n  ".join(lines)
+        if reporter is not None:
+            reporter.write_line(message, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -6,6 +6,7 @@ import copy
 import email
 import email.policy
 import os
+import re
 import shutil
 import signal
 import socket
@@ -141,6 +142,19 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
+#: every gateway log a test run wrote: conftest scans them all for customer addresses at the end
+GATEWAY_LOGS: list[Path] = []
+
+#: domains of the bank's own (configured) addresses, which logs show in full
+BANK_DOMAINS = ("bankx.com", "bank.example", "bank.internal")
+_ADDRESS = re.compile(r"[A-Za-z0-9._%+'-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+
+
+def full_customer_addresses(text: str) -> set[str]:
+    """Addresses in `text` that are neither masked (c***@...) nor the bank's own."""
+    return {a for a in _ADDRESS.findall(text) if not a.lower().endswith(BANK_DOMAINS)}
+
+
 @dataclass
 class GatewayProcess:
     """`escalation-comms serve` in a subprocess on a free port (a new one if it was taken meanwhile).
@@ -184,6 +198,7 @@ class GatewayProcess:
 
     def _launch(self, timeout: float) -> bool:
         self.log_path = self.log_path or self.config.parent / f"gateway-{self.port}.log"
+        GATEWAY_LOGS.append(self.log_path)
         cmd = [
             sys.executable,
             "-m",
