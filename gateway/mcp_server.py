@@ -53,7 +53,7 @@ Each email moves from queued to sent, then to delivered (where the mail service 
 delivery) or failed with the reason."""
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -198,7 +198,7 @@ def transport_security(
             allowed_hosts=server.allowed_hosts,
             allowed_origins=server.allowed_origins,
         )
-    if _is_loopback(server.host):
+    if is_loopback(server.host):
         # The SDK turns protection on by itself only for 127.0.0.1, localhost and ::1 spelt
         # exactly so; any other loopback bind (127.0.0.2, [::1]) would go unchecked.
         bound = server.host.strip("[]")
@@ -229,7 +229,3 @@ def build_http_app(gateway: Gateway) -> Starlette:
         transport_security=transport_security(gateway, verifier if verifier.enabled else None),
         host=server.host,
     )
-
-
-def is_loopback(host: str) -> bool:
-    return _is_loopback(host)
