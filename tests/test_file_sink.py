@@ -2,33 +2,39 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from gateway_file_sink import FileSinkSettings, FileSinkTransport
 
 from gateway.errors import PermanentDeliveryError
 from gateway.plugins import transport_classes
 from gateway.transport import OutgoingMessage, Transport
 from tests.support import parts, read_eml
-from tests.transport_contract import Captured, TransportContract, make_message
+from tests.transport_contract import Captured, TransportContract, make_message, ticket_of
 
 
 class TestFileSinkContract(TransportContract):
+    copies_after_sending_twice = 1  # one file per delivery id: the second write replaces the first
+
     @pytest.fixture
     async def transport(self, tmp_path: Path) -> AsyncIterator[Transport]:
-        cls = transport_classes()["file"]
         self.directory = tmp_path / "outbox"
-        transport = cls(cls.settings_model(dir=self.directory))
+        cls = transport_classes()["file"]  # through the entry point, as the gateway finds it
+        transport = cls(FileSinkSettings(dir=self.directory))
         await transport.start()
         yield transport
         await transport.aclose()
 
     async def read_back(self, message: OutgoingMessage) -> list[Captured]:
+        if not self.directory.is_dir():
+            return []
         found = []
         for path in sorted(self.directory.glob("*.eml")):
             msg = read_eml(path)
-            if msg["Message-ID"] != message.message_id:
+            if msg["X-Ticket-ID"] != ticket_of(message):
                 continue
             text, html = parts(msg)
             found.append(
@@ -43,11 +49,15 @@ class TestFileSinkContract(TransportContract):
             )
         return found
 
+    async def break_far_side(self) -> None:
+        """A file where the outbox was: unusable whoever runs the tests (root ignores permissions)."""
+        shutil.rmtree(self.directory)
+        self.directory.write_text("not a directory\n")
+
 
 @pytest.fixture
 async def sink(tmp_path: Path) -> AsyncIterator[Transport]:
-    cls = transport_classes()["file"]
-    transport = cls(cls.settings_model(dir=tmp_path / "outbox"))
+    transport = FileSinkTransport(FileSinkSettings(dir=tmp_path / "outbox"))
     await transport.start()
     yield transport
 
@@ -77,17 +87,16 @@ async def test_file_sink_reads_its_directory_from_FILE_SINK_DIR(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FILE_SINK_DIR", str(tmp_path / "from-env"))
-    cls = transport_classes()["file"]
-    settings = cls.settings_model(dir=tmp_path / "from-config")
+    assert transport_classes()["file"].settings_model is FileSinkSettings
+    settings = FileSinkSettings(dir=tmp_path / "from-config")
     assert Path(settings.dir) == tmp_path / "from-env"
 
 
 @pytest.mark.anyio
 async def test_file_sink_directory_that_is_a_file_is_a_transport_level_failure(tmp_path: Path) -> None:
-    cls = transport_classes()["file"]
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("x")
-    transport = cls(cls.settings_model(dir=blocker))
+    transport = FileSinkTransport(FileSinkSettings(dir=blocker))
     with pytest.raises(PermanentDeliveryError) as caught:
         await transport.send(make_message())
     assert caught.value.transport_level

@@ -18,7 +18,7 @@ from gateway.plugins import transport_classes, transport_settings
 from gateway.transport import OutgoingMessage, Transport
 from tests.smtp_sink import LocalCA, Security, SMTPSink
 from tests.support import SAMPLE_CALL, free_port, parts, wait_for
-from tests.transport_contract import Captured, TransportContract, make_message
+from tests.transport_contract import Captured, TransportContract, make_message, ticket_of
 
 MakeTransport = Callable[..., Awaitable[SMTPTransport]]
 
@@ -58,6 +58,8 @@ async def make_transport() -> AsyncIterator[MakeTransport]:
 
 
 class TestSMTPContract(TransportContract):
+    copies_after_sending_twice = 2  # SMTP cannot recall a message: a second transaction, same Message-ID
+
     @pytest.fixture
     async def transport(self) -> AsyncIterator[Transport]:
         cls = transport_classes()["smtp"]  # through the entry point, as the gateway finds it
@@ -71,7 +73,7 @@ class TestSMTPContract(TransportContract):
     async def read_back(self, message: OutgoingMessage) -> list[Captured]:
         found = []
         for got in self.sink.messages:
-            if got.message_id != message.message_id:
+            if got.header("X-Ticket-ID") != ticket_of(message):
                 continue
             text, html = parts(got.message)
             found.append(
@@ -85,6 +87,9 @@ class TestSMTPContract(TransportContract):
                 )
             )
         return found
+
+    async def break_far_side(self) -> None:
+        self.sink.down()  # nothing listens on the port any more: connections are refused
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -153,10 +158,10 @@ def test_smtp_transport_refuses_a_ca_bundle_without_certificates(tmp_path: Path)
 
 
 @pytest.mark.anyio
-async def test_smtp_start_does_not_connect_and_check_reports_a_server_that_is_down(
+async def test_smtp_start_succeeds_with_nobody_listening_and_check_reports_the_server_down(
     make_transport: MakeTransport,
 ) -> None:
-    transport = await make_transport(port=free_port())  # nothing listens there
+    transport = await make_transport(port=free_port())  # start() returned although nothing listens
     with pytest.raises(TransientDeliveryError, match="cannot connect"):
         await transport.check()
 
@@ -489,16 +494,24 @@ async def test_smtp_server_that_never_answers_times_out_as_transient(
 async def test_smtp_silence_after_data_is_transient_and_never_resent_on_that_call(
     sink: SMTPSink, make_transport: MakeTransport
 ) -> None:
-    transport = await make_transport(sink, command_timeout_seconds=0.3)
-    await transport.send(make_message())
+    # Only the stalled send may meet the short reply timeout: the check below opens the pooled
+    # connection it reuses within check_timeout_seconds (its default), and the sends that must
+    # succeed go through a transport with the default timeouts.
+    impatient = await make_transport(sink, command_timeout_seconds=0.3)
+    await impatient.check()  # leaves an idle pooled connection, the kind a failed MAIL may retry on
     sink.stall("data")  # the server has the message but never confirms it
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(10):  # a guard against hanging, far above the configured timeout
         with pytest.raises(TransientDeliveryError, match="did not answer"):
-            await transport.send(make_message())
+            await impatient.send(make_message())
     assert sink.connections == 1  # no transparent retry once DATA started
+    # Its state is unknown, so the transport hangs up: wait in a thread, the loop must run to close.
+    await asyncio.to_thread(wait_for, lambda: sink.open_connections == 0, message="the session closed")
     sink.stall(None)
-    await transport.send(make_message())  # a fresh connection replaces the abandoned one
+    await impatient.check()  # a fresh connection replaces the abandoned one
     assert sink.connections == 2
+    message = make_message()
+    await (await make_transport(sink)).send(message)
+    assert sink.message_ids() == [message.message_id]  # the stalled message was never accepted
 
 
 @pytest.mark.anyio

@@ -1,20 +1,28 @@
 """The contract every transport passes, like Django's shared mail-backend tests.
 
-A transport's test module subclasses `TransportContract` and provides two things:
-`transport` (an async fixture yielding a started transport) and `read_back(message)`,
-which returns what the far side received for that message as `Captured` objects.
+A transport's test module subclasses `TransportContract` and provides:
+
+- `transport`: an async fixture yielding a started transport;
+- `read_back(message)`: what the far side received for that message, as `Captured` objects,
+  found by the message's X-Ticket-ID (unique per `make_message()`), never by its Message-ID,
+  so the Message-ID a recipient sees is something the tests check rather than assume;
+- `break_far_side()`: make the far side fail the next send (down, refusing, or unusable);
+- `copies_after_sending_twice`: how many copies the far side holds after the same message
+  was sent twice (1 when the transport or provider recognises the repeat, 2 when it cannot).
 """
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import ClassVar
 
 import pytest
 
-from gateway.errors import DeliveryError
+from gateway.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from gateway.transport import OutgoingMessage, Transport
 
 
@@ -30,25 +38,53 @@ class Captured:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def make_message(**changes: object) -> OutgoingMessage:
+_issued: set[str] = set()
+
+
+def new_ticket_id() -> str:
+    """A ticket id in the gateway's format, never the same twice in a test run, so that
+    `read_back` can tell every test message apart."""
+    while True:
+        ticket = f"TKT-2025-{secrets.randbelow(1_000_000):06d}"
+        if ticket not in _issued:
+            _issued.add(ticket)
+            return ticket
+
+
+def make_message(*, ticket: str | None = None, **changes: object) -> OutgoingMessage:
+    """A finished message about `ticket` (a fresh one by default) with a fresh delivery id and
+    Message-ID; `changes` override any field of `OutgoingMessage`."""
     delivery_id = str(uuid.uuid4())
+    ticket = ticket or new_ticket_id()
     values: dict[str, object] = {
         "delivery_id": delivery_id,
         "message_id": f"<{delivery_id}@bankx.com>",
         "sender": "noreply@bankx.com",
         "recipients": ("customer@example.com",),
-        "subject": "Support Ticket Created: TKT-2025-001234",
-        "text": "Dear Valued Customer,\n\nTicket ID: TKT-2025-001234\n",
-        "html": "<p>Dear Valued Customer,</p><p>Ticket ID: <b>TKT-2025-001234</b></p>",
+        "subject": f"Support Ticket Created: {ticket}",
+        "text": f"Dear Valued Customer,\n\nTicket ID: {ticket}\n",
+        "html": f"<p>Dear Valued Customer,</p><p>Ticket ID: <b>{ticket}</b></p>",
         "date": datetime(2025, 11, 7, 7, 30, tzinfo=UTC),
-        "headers": {"X-Ticket-ID": "TKT-2025-001234"},
+        "headers": {"X-Ticket-ID": ticket},
     }
     values.update(changes)
     return OutgoingMessage(**values)  # type: ignore[arg-type]
 
 
+def ticket_of(message: OutgoingMessage) -> str:
+    """The X-Ticket-ID that `read_back` finds a message by."""
+    return message.headers["X-Ticket-ID"]
+
+
+def _body(text: str) -> str:
+    """A body as sent, whatever line ends the far side stored and whether it added a final one."""
+    return text.replace("\r\n", "\n").rstrip("\n")
+
+
 class TransportContract:
-    """Subclass, provide the `transport` fixture and `read_back`; every test here then runs."""
+    """Subclass, provide the members the module doc lists; every test here then runs."""
+
+    copies_after_sending_twice: ClassVar[int]
 
     @pytest.fixture
     async def transport(self) -> AsyncIterator[Transport]:  # pragma: no cover - overridden
@@ -56,6 +92,9 @@ class TransportContract:
         yield
 
     async def read_back(self, message: OutgoingMessage) -> list[Captured]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    async def break_far_side(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
     @pytest.mark.anyio
@@ -67,31 +106,34 @@ class TransportContract:
         assert got.sender == "noreply@bankx.com"
         assert got.recipients == ["customer@example.com"]
         assert got.subject == message.subject
-        assert got.text.replace("\r\n", "\n").rstrip("\n") == message.text.rstrip("\n")
-        assert "<b>TKT-2025-001234</b>" in got.html
+        assert _body(got.text) == _body(message.text)
+        assert _body(got.html) == _body(message.html)
 
     @pytest.mark.anyio
     async def test_ticket_header_and_message_id_reach_the_recipient(self, transport: Transport) -> None:
-        message = make_message()
+        other, message = make_message(), make_message()
+        await transport.send(other)
         await transport.send(message)
+        # read_back finds a message by its X-Ticket-ID alone: finding it proves the header arrived.
         [got] = await self.read_back(message)
-        assert got.headers.get("X-Ticket-ID") == "TKT-2025-001234"
-        if "Message-ID" in got.headers:  # ACS assigns its own; SMTP and files keep ours
-            assert got.headers["Message-ID"] == message.message_id
+        [got_other] = await self.read_back(other)
+        assert got.headers["Message-ID"] == message.message_id  # ours, kept by every transport
+        assert got_other.headers["Message-ID"] == other.message_id
 
     @pytest.mark.anyio
     async def test_non_ascii_subject_and_body_survive_intact(self, transport: Transport) -> None:
+        ticket = new_ticket_id()
         message = make_message(
-            subject="Support Ticket Created: TKT-2025-001234 — สอบถามดอกเบี้ย",
+            ticket=ticket,
+            subject=f"Support Ticket Created: {ticket} — สอบถามดอกเบี้ย",
             text="ดอกเบี้ยเงินกู้บ้านเท่าไร? Ünïcödé ✓\nsecond line\n",
             html="<p>ดอกเบี้ยเงินกู้บ้านเท่าไร? Ünïcödé ✓</p>",
         )
         await transport.send(message)
         [got] = await self.read_back(message)
         assert got.subject == message.subject
-        assert "ดอกเบี้ยเงินกู้บ้านเท่าไร? Ünïcödé ✓" in got.text
-        assert "second line" in got.text
-        assert "Ünïcödé ✓" in got.html
+        assert _body(got.text) == _body(message.text)
+        assert _body(got.html) == _body(message.html)
 
     @pytest.mark.anyio
     async def test_sending_the_same_message_again_keeps_its_identity(self, transport: Transport) -> None:
@@ -99,8 +141,23 @@ class TransportContract:
         await transport.send(message)
         await transport.send(message)
         received = await self.read_back(message)
-        assert 1 <= len(received) <= 2
-        assert all(r.subject == message.subject for r in received)
+        assert len(received) == self.copies_after_sending_twice
+        sent = (
+            message.subject,
+            _body(message.text),
+            _body(message.html),
+            message.message_id,
+            ticket_of(message),
+        )
+        for got in received:
+            copy = (
+                got.subject,
+                _body(got.text),
+                _body(got.html),
+                got.headers["Message-ID"],
+                got.headers["X-Ticket-ID"],
+            )
+            assert copy == sent
 
     @pytest.mark.anyio
     async def test_check_passes_when_the_far_side_is_up(self, transport: Transport) -> None:
@@ -108,10 +165,9 @@ class TransportContract:
 
     @pytest.mark.anyio
     async def test_errors_are_gateway_errors_never_sdk_exceptions(self, transport: Transport) -> None:
-        bad = make_message(recipients=("not an address",))
-        try:
-            await transport.send(bad)
-        except DeliveryError:
-            pass
-        except Exception as err:  # pragma: no cover - the failure this test exists for
-            pytest.fail(f"{type(transport).__name__}.send leaked {type(err).__module__}.{type(err).__name__}")
+        await self.break_far_side()
+        message = make_message()
+        with pytest.raises(DeliveryError) as caught:  # an SDK exception would escape this and fail the test
+            await transport.send(message)
+        assert type(caught.value) in (TransientDeliveryError, PermanentDeliveryError)
+        assert await self.read_back(message) == []
