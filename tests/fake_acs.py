@@ -107,6 +107,7 @@ class Seen:
     path: str
     operation_id: str | None
     status: int
+    at: float  # time.monotonic() when the fake answered it
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -333,7 +334,7 @@ class FakeAcs:
 
     def _note(self, request: Request, operation_id: str | None, status: int) -> None:
         with self._lock:
-            self._seen.append(Seen(request.method, request.url.path, operation_id, status))
+            self._seen.append(Seen(request.method, request.url.path, operation_id, status, time.monotonic()))
 
     # -- checks the service makes ------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """/healthz and /readyz of a real server process: faults produced for real, not mocked.
 
-The store outage is a real one: the gateway reaches PostgreSQL through a small TCP
-forwarder that the test shuts down (and later starts again on the same port).
+The store outage is a real one: the gateway reaches a fresh PostgreSQL database through a
+small TCP forwarder that the test shuts down (and later starts again on the same port).
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx2
 import pytest
 from sqlalchemy.engine import make_url
 
+from gateway.store.schema import metadata
 from tests.support import GatewayProcess, free_port, wait_for
 
 
@@ -122,10 +124,67 @@ def test_readyz_lists_store_and_each_transport_as_ok_when_usable(
     assert response.json() == {"status": "ready", "checks": {"store": "ok", "transport:file": "ok"}}
 
 
+#: the gateway's own tables (gateway.store.schema), each with its columns
+GATEWAY_TABLES = {table.name: {column.name for column in table.columns} for table in metadata.sorted_tables}
+
+
+def gateway_tables_in(database_url: str) -> list[str]:
+    """The tables of the gateway's schema present in this database (same name and same columns)."""
+
+    async def read() -> list[str]:
+        conn = await asyncpg.connect(database_url)
+        try:
+            rows = await conn.fetch(
+                "SELECT table_name, column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = ANY($1::text[])",
+                list(GATEWAY_TABLES),
+            )
+        finally:
+            await conn.close()
+        found: dict[str, set[str]] = {}
+        for row in rows:
+            found.setdefault(row["table_name"], set()).add(row["column_name"])
+        return [name for name in GATEWAY_TABLES if found.get(name) == GATEWAY_TABLES[name]]
+
+    return asyncio.run(read())
+
+
+def drop_gateway_tables(database_url: str, names: list[str]) -> None:
+    """Drop these gateway tables, dependents first (deliveries before escalations)."""
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            async with conn.transaction():
+                for table in reversed(metadata.sorted_tables):
+                    if table.name in names:
+                        await conn.execute(f'DROP TABLE "{table.name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+
+
+@pytest.fixture
+def shared_database_kept_clean(postgres_url: str) -> Iterator[str]:
+    """The shared TEST_DATABASE_URL database, with no gateway tables before or after the test.
+
+    Tests give gateways a fresh database (`fresh_postgres_url`); tables an earlier run of this
+    suite left in the shared one are dropped (only tables with the gateway's names and columns).
+    """
+    leftovers = gateway_tables_in(postgres_url)
+    if leftovers:
+        drop_gateway_tables(postgres_url, leftovers)
+    yield postgres_url
+    assert gateway_tables_in(postgres_url) == [], "a gateway created its tables in the shared database"
+
+
 def test_readyz_fails_naming_the_store_when_postgres_is_unreachable_and_recovers(
-    postgres_url: str, gateway_factory: Callable[..., GatewayProcess]
+    shared_database_kept_clean: str,
+    fresh_postgres_url: str,
+    gateway_factory: Callable[..., GatewayProcess],
 ) -> None:
-    real = make_url(postgres_url)
+    real = make_url(fresh_postgres_url)
     forwarder = TcpForwarder(real.host or "127.0.0.1", real.port or 5432).start()
     try:
         through = real.set(host="127.0.0.1", port=forwarder.port).render_as_string(hide_password=False)
@@ -152,6 +211,7 @@ def test_readyz_fails_naming_the_store_when_postgres_is_unreachable_and_recovers
         )
     finally:
         forwarder.shutdown()
+    assert gateway_tables_in(fresh_postgres_url) == list(GATEWAY_TABLES)  # its tables went there
 
 
 def test_readyz_reports_an_unusable_transport_while_healthz_stays_200(

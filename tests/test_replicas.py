@@ -31,6 +31,7 @@ import uvicorn
 from mcp import Client
 from mcp_types import CallToolResult
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.store import DeliveryRecord, NewDelivery, Store
 from gateway.store.schema import SCHEMA_VERSION, deliveries, escalations, schema_version
@@ -55,18 +56,6 @@ REPLICA_CONFIG: dict[str, Any] = {
 EMAIL_ID = re.compile(r"^EMAIL-(?P<use_case>UC\d+)-(?P<day>\d{8})-(?P<number>\d{3,})$")
 
 
-class TimedSink(SMTPSink):
-    """The shared SMTP sink, also noting when each accepted message arrived (monotonic clock)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.arrivals: list[float] = []
-
-    def _accept(self, envelope: Any, connection: int, tls: bool) -> None:
-        self.arrivals.append(time.monotonic())  # before the message is visible to wait_for
-        super()._accept(envelope, connection, tls)
-
-
 @dataclass
 class Cluster:
     database_url: str
@@ -86,18 +75,14 @@ class Cluster:
 
 
 @pytest.fixture
-def sink() -> Iterator[TimedSink]:
-    running = TimedSink()
-    running.start()
-    try:
+def sink() -> Iterator[SMTPSink]:
+    with SMTPSink() as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture
 def cluster(
-    config_factory: Callable[..., Path], fresh_postgres_url: str, sink: TimedSink
+    config_factory: Callable[..., Path], fresh_postgres_url: str, sink: SMTPSink
 ) -> Iterator[Callable[..., Cluster]]:
     """`cluster(n, patch)`: n replicas on one fresh database, started at the same moment."""
     started: list[GatewayProcess] = []
@@ -150,11 +135,16 @@ def error_text(result: CallToolResult) -> str:
     return " ".join(getattr(part, "text", "") for part in result.content)
 
 
+def engine_of(store: Store) -> AsyncEngine:
+    assert store.engine is not None, "a PostgreSQL store has an async engine"
+    return store.engine
+
+
 async def recorded(database_url: str) -> tuple[list[dict[str, Any]], list[DeliveryRecord]]:
     """Every escalation row and every delivery, read straight from the shared store."""
     store = await Store.open(database_url)
     try:
-        async with store.engine.connect() as conn:
+        async with engine_of(store).connect() as conn:
             rows = [dict(r._mapping) for r in await conn.execute(select(escalations))]
         found: list[DeliveryRecord] = []
         for status in ("queued", "sent", "delivered", "failed"):
@@ -187,6 +177,12 @@ async def settled(database_url: str, expected: int, within: float = 60.0) -> lis
             pending = Counter(d.status for d in rows)
             raise AssertionError(f"deliveries did not settle within {within}s: {dict(pending)}")
         await asyncio.sleep(0.3)
+
+
+def stop_gracefully(cluster: Cluster) -> None:
+    """SIGTERM every replica and wait: in-flight sends land, so counting at the sink is final."""
+    for replica in cluster.replicas:
+        assert replica.stop() in (0, -signal.SIGTERM), replica.logs()
 
 
 def assert_clean(cluster_logs: str) -> None:
@@ -224,7 +220,7 @@ async def test_replicas_starting_together_on_an_empty_database_create_the_schema
     assert not re.search(r"^\S+ +(ERROR|CRITICAL) ", replicas.logs(), re.MULTILINE), replicas.logs()
     store = await Store.open(replicas.database_url)
     try:
-        async with store.engine.connect() as conn:
+        async with engine_of(store).connect() as conn:
             versions = list(await conn.execute(select(schema_version.c.id, schema_version.c.version)))
     finally:
         await store.close()
@@ -240,7 +236,7 @@ async def test_replicas_starting_together_on_an_empty_database_create_the_schema
 
 
 async def test_email_ids_stay_unique_and_sequential_when_replicas_number_them_concurrently(
-    cluster: Callable[..., Cluster], sink: TimedSink
+    cluster: Callable[..., Cluster], sink: SMTPSink
 ) -> None:
     replicas = cluster(3)
     calls = [call_for(n) for n in range(48)]
@@ -262,7 +258,7 @@ async def test_email_ids_stay_unique_and_sequential_when_replicas_number_them_co
 
 
 async def test_the_same_call_sent_to_every_replica_at_once_is_recorded_once(
-    cluster: Callable[..., Cluster], sink: TimedSink
+    cluster: Callable[..., Cluster], sink: SMTPSink
 ) -> None:
     replicas = cluster(3)
     tickets = [call_for(n) for n in range(8)]
@@ -277,13 +273,12 @@ async def test_the_same_call_sent_to_every_replica_at_once_is_recorded_once(
         assert len({a["email_id"] for a in answers}) == 1, ticket  # every replica answered the same id
         assert sum(not a["replay"] for a in answers) == 1, ticket  # and exactly one of them sent
     rows = await settled(replicas.database_url, 16)
-    sink.wait_for(16, timeout=30)
-    await asyncio.sleep(0.5)  # a duplicate would arrive now
+    stop_gracefully(replicas)  # whatever a replica would still send has been sent
     assert sorted(sink.message_ids()) == sorted(d.message_id for d in rows)
 
 
 async def test_recipient_cap_holds_when_replicas_escalate_for_one_customer_at_once(
-    cluster: Callable[..., Cluster], sink: TimedSink
+    cluster: Callable[..., Cluster], sink: SMTPSink
 ) -> None:
     replicas = cluster(3, {"email": {"per_recipient_hourly_cap": 3}})
     looping = [call_for(n, customer_email="loop@example.com") for n in range(6)]
@@ -303,6 +298,7 @@ async def test_recipient_cap_holds_when_replicas_escalate_for_one_customer_at_on
     for ticket in refused:
         assert all("limit 3" in error_text(r) for r in outcome[ticket])
     await settled(replicas.database_url, 6)
+    stop_gracefully(replicas)
     customer_copies = [m for m in sink.messages if m.recipients == ("loop@example.com",)]
     assert len(customer_copies) == 3
 
@@ -373,8 +369,8 @@ async def test_dispatchers_racing_for_one_backlog_never_claim_a_delivery_twice(
     assert len({owners[0] for owners in claims.values()}) >= 2  # they really competed
 
 
-async def test_a_backlog_is_claimed_by_all_replicas_and_each_email_sent_once(
-    cluster: Callable[..., Cluster], sink: TimedSink
+async def test_a_backlog_is_shared_by_several_replicas_and_each_email_sent_once(
+    cluster: Callable[..., Cluster], sink: SMTPSink
 ) -> None:
     replicas = cluster(3)
     sink.down()
@@ -386,8 +382,7 @@ async def test_a_backlog_is_claimed_by_all_replicas_and_each_email_sent_once(
     assert "Email sent to" not in replicas.logs()
     sink.up()  # eighty deliveries fall due on three dispatchers at once
     rows = await settled(replicas.database_url, 80)
-    for replica in replicas.replicas:
-        replica.stop()
+    stop_gracefully(replicas)
     counts = Counter(sink.message_ids())
     assert all(d.status == "sent" for d in rows)
     assert set(counts) == {d.message_id for d in rows} and max(counts.values()) == 1
@@ -523,29 +518,74 @@ async def test_without_stateless_http_a_handshake_session_breaks_when_spread_ove
 # -- shared rate limits --------------------------------------------------------------------------
 
 
+class RateSlotWatch:
+    """Every send slot the replicas take (`rate_events` rows), read while they take them.
+
+    The store forgets a slot once it is older than the longest window, so the rows are read
+    every 0.1 s while the test runs (far more often than the 6 s they live) and kept here.
+    """
+
+    def __init__(self, database_url: str, transport: str) -> None:
+        self.database_url = database_url
+        self.transport = transport
+        self.seen: dict[int, datetime] = {}
+        self._done = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> RateSlotWatch:
+        conn = await asyncpg.connect(self.database_url)
+        await self._read(conn)
+        self._task = asyncio.create_task(self._watch(conn))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._task is not None:
+            await self._task
+
+    async def _watch(self, conn: asyncpg.Connection) -> None:
+        try:
+            while not self._done.is_set():
+                await asyncio.sleep(0.1)
+                await self._read(conn)
+        finally:
+            await conn.close()
+
+    async def _read(self, conn: asyncpg.Connection) -> None:
+        rows = await conn.fetch("SELECT id, at FROM rate_events WHERE transport = $1", self.transport)
+        self.seen.update((row["id"], row["at"]) for row in rows)
+
+    @property
+    def slots(self) -> list[datetime]:
+        return sorted(self.seen.values())
+
+
 async def test_rate_limit_budget_is_shared_by_replicas_and_the_excess_queues(
-    cluster: Callable[..., Cluster], sink: TimedSink
+    cluster: Callable[..., Cluster], sink: SMTPSink
 ) -> None:
     replicas = cluster(2, {"transports": {"smtp": {"rate_limits": ["4/6 seconds"]}}})
     calls = [call_for(n) for n in range(4)]  # eight emails: twice the budget of one window
-    results = [
-        data(r)
-        for r in await asyncio.gather(
-            *(call(replicas.urls[n % 2], "sendemail", args) for n, args in enumerate(calls))
-        )
-    ]
-    throttled = [d for r in results for d in r["deliveries"] if d["status"] == "queued"]
-    assert throttled and all("rate limit" in d["error"] for d in throttled)
-    assert all(d["status"] != "failed" for r in results for d in r["deliveries"])
-    rows = await settled(replicas.database_url, 8, within=40)
+    async with RateSlotWatch(replicas.database_url, "smtp") as watch:
+        results = [
+            data(r)
+            for r in await asyncio.gather(
+                *(call(replicas.urls[n % 2], "sendemail", args) for n, args in enumerate(calls))
+            )
+        ]
+        throttled = [d for r in results for d in r["deliveries"] if d["status"] == "queued"]
+        assert throttled and all("rate limit" in d["error"] for d in throttled)
+        assert all(d["status"] != "failed" for r in results for d in r["deliveries"])
+        rows = await settled(replicas.database_url, 8, within=40)
     assert all(d.status == "sent" for d in rows)  # queued, then delivered: none failed
-    sink.wait_for(8, timeout=10)
+    stop_gracefully(replicas)
     assert sorted(sink.message_ids()) == sorted(d.message_id for d in rows)
-    # At most 4 in any 6 s window across both replicas: any 5 arrivals span 6 s, less the few
-    # milliseconds between a replica taking its slot and the sink receiving the message.
-    arrivals = sorted(sink.arrivals)
-    spans = [later - first for first, later in zip(arrivals, arrivals[4:], strict=False)]
-    assert spans and min(spans) > 5.5, spans
+    # Every attempt took a slot first, and the watch saw each slot the replicas took...
+    slots = watch.slots
+    assert len(slots) == sum(d.attempts for d in rows) >= 8
+    # ...and at most 4 of them, across both replicas, fall in any 6 s window: the slot times the
+    # gateway itself recorded, so a message delayed on its way to the sink cannot blur them.
+    spans = [later - first for first, later in zip(slots, slots[4:], strict=False)]
+    assert spans and min(spans) >= timedelta(seconds=6), spans
 
 
 # -- kill -9 mid-burst ---------------------------------------------------------------------------
@@ -555,7 +595,7 @@ async def leases_of(database_url: str, pid: int) -> set[str]:
     """Deliveries leased to the process with this pid (owner ids are `<host>-<pid>-<random>`)."""
     store = await Store.open(database_url)
     try:
-        async with store.engine.connect() as conn:
+        async with engine_of(store).connect() as conn:
             rows = await conn.execute(
                 select(deliveries.c.id, deliveries.c.lease_owner).where(deliveries.c.lease_owner.is_not(None))
             )
@@ -564,11 +604,47 @@ async def leases_of(database_url: str, pid: int) -> set[str]:
         await store.close()
 
 
-async def test_three_replicas_one_killed_mid_burst_deliver_every_escalation_exactly_once(
-    cluster: Callable[..., Cluster], sink: TimedSink
+async def until_safe_to_kill(
+    database_url: str, sink: SMTPSink, victim_pid: int, pinned_tickets: set[str]
 ) -> None:
-    # Inside a call, retry 451s until the deadline: a call on the victim holds its lease for 3 s.
-    replicas = cluster(3, {"email": {"timeout_seconds": 3, "retry_count": 10}})
+    """Wait until the sink (refusing everything by now) has nothing the store does not know as sent,
+    and the pinned escalations are recorded and mid-send on the victim (leased to it, not sent).
+    """
+    conn = await asyncpg.connect(database_url)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            rows = await conn.fetch(
+                "SELECT e.ticket_id, d.message_id, d.status, d.lease_owner "
+                "FROM deliveries d JOIN escalations e ON e.email_id = d.email_id"
+            )
+            sent = {row["message_id"] for row in rows if row["status"] == "sent"}
+            pinned = [row for row in rows if row["ticket_id"] in pinned_tickets]
+            on_victim = [
+                row
+                for row in pinned
+                if row["status"] == "queued"
+                and row["lease_owner"] is not None
+                and row["lease_owner"].split("-")[-2] == str(victim_pid)
+            ]
+            if set(sink.message_ids()) <= sent and len(on_victim) == 2 * len(pinned_tickets):
+                return
+            if time.monotonic() > deadline:
+                unrecorded = len(set(sink.message_ids()) - sent)
+                raise AssertionError(
+                    f"not safe to kill within 60 s: {unrecorded} accepted messages not recorded sent, "
+                    f"{len(on_victim)} pinned deliveries mid-send on the victim"
+                )
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+
+
+async def test_three_replicas_one_killed_mid_burst_deliver_every_escalation_exactly_once(
+    cluster: Callable[..., Cluster], sink: SMTPSink
+) -> None:
+    # Inside a call, retry 451s until the deadline: a call on the victim holds its lease for 5 s.
+    replicas = cluster(3, {"email": {"timeout_seconds": 5, "retry_count": 10}})
     victim = replicas.replicas[0]
     assert victim.proc is not None
     victim_pid = victim.proc.pid
@@ -611,20 +687,26 @@ async def test_three_replicas_one_killed_mid_burst_deliver_every_escalation_exac
 
     burst = asyncio.gather(*(worker() for _ in range(12)))
 
-    # The kill. The sink answers 451 from a second before it until just after it, so at the moment
-    # of death no message is accepted by the sink but not yet recorded by the replica sending it.
+    # The kill. The sink answers 451 from before it until after it, and the kill waits until every
+    # message the sink took is recorded sent: at the moment of death no message is accepted by the
+    # sink but not yet recorded by the replica sending it.
     await asyncio.to_thread(sink.wait_for, 60, 60)
     sink.fail_fraction(1.0, seed=9)
     # Two more escalations for the victim: they are certainly mid-send (retrying) when it dies.
     pinned_calls = [call_for(tickets + k) for k in range(2)]
     pinned = [asyncio.create_task(send(args, 0)) for args in pinned_calls]
-    await asyncio.sleep(1.0)
+    await until_safe_to_kill(
+        replicas.database_url, sink, victim_pid, {args["ticket_id"] for args in pinned_calls}
+    )
     at_death = set(sink.message_ids())
-    victim.stop(signal.SIGKILL)
+    victim.kill()
     dead.add(0)  # the load balancer's health check takes it out
     assert not burst.done(), "the burst ended before the kill; make it longer"
     orphaned = await leases_of(replicas.database_url, victim_pid)
-    await asyncio.sleep(0.3)
+    # What the victim wrote just before it died may still sit unread at the sink: drop every
+    # connection (a quick restart of the sink) before it accepts again, so none of that can land.
+    sink.down()
+    sink.up()
     sink.fail_fraction(0.0)
 
     await asyncio.gather(burst, *pinned)

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import asyncpg
 import pytest
+from sqlalchemy.engine import make_url
 
 from gateway.errors import RecipientLimitError, TicketConflictError
-from gateway.store import NewDelivery, Outcome, Store
+from gateway.store import Accepted, NewDelivery, Outcome, Store
+from gateway.store.schema import SCHEMA_VERSION
 from gateway.transport import OutgoingMessage
 
 pytestmark = pytest.mark.anyio
@@ -68,7 +73,7 @@ async def accept(
     owner: str = "owner-a",
     at: datetime = T0,
     day: str = "20251107",
-):  # type: ignore[no-untyped-def]
+) -> Accepted:
     return await store.accept(
         use_case=use_case,
         ticket_id=ticket,
@@ -246,8 +251,36 @@ async def test_rate_slots_are_shared_between_processes(database_url: str) -> Non
     assert sum(w == 0.0 for w in waits) == 5
 
 
-async def test_migrating_twice_concurrently_is_harmless(database_url: str) -> None:
+async def test_migrating_a_store_in_use_concurrently_keeps_its_data_and_one_schema_version_row(
+    database_url: str,
+) -> None:
+    first = await Store.open(database_url)
+    try:
+        accepted = await accept(first, "TKT-BEFORE")
+    finally:
+        await first.close()
+    # Four processes start at once on the existing store (each migrates on open), then migrate again.
     stores = await asyncio.gather(*(Store.open(database_url) for _ in range(4)))
-    for s in stores:
-        await s.migrate()
-        await s.close()
+    try:
+        await asyncio.gather(*(s.migrate() for s in stores))
+        loaded = await stores[0].load(accepted.record.email_id)
+    finally:
+        for s in stores:
+            await s.close()
+    assert loaded is not None and loaded.ticket_id == "TKT-BEFORE"
+    assert sorted(d.id for d in loaded.deliveries) == sorted(d.id for d in accepted.record.deliveries)
+    assert await schema_version_rows(database_url) == [(1, SCHEMA_VERSION)]
+
+
+async def schema_version_rows(database_url: str) -> list[tuple[int, int]]:
+    """The schema_version table, read past the store with the database's own driver."""
+    url = make_url(database_url)
+    query = "SELECT id, version FROM schema_version ORDER BY id"
+    if url.drivername.startswith("sqlite"):
+        with closing(sqlite3.connect(str(url.database))) as db:
+            return [(int(i), int(v)) for i, v in db.execute(query).fetchall()]
+    conn = await asyncpg.connect(database_url)
+    try:
+        return [(int(row["id"]), int(row["version"])) for row in await conn.fetch(query)]
+    finally:
+        await conn.close()
