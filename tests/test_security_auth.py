@@ -21,23 +21,20 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from gateway.auth import StaticTokenVerifier, token_digest
-from tests.support import SAMPLE_CALL, GatewayProcess, clean_env, free_port, wait_for, write_config
+from tests.support import (
+    INITIALIZE,
+    MCP_HEADERS,
+    SAMPLE_CALL,
+    GatewayProcess,
+    clean_env,
+    free_port,
+    wait_for,
+    write_config,
+)
 
 TOKEN_A = "tok-alpha-" + "a1" * 16
 TOKEN_B = "tok-bravo-" + "b2" * 16
 WRONG = "tok-wrong-" + "c3" * 16
-
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "security-test", "version": "1"},
-    },
-}
-MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 
 def post_mcp(gateway: GatewayProcess, headers: dict[str, str] | None = None) -> httpx2.Response:

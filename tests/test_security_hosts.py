@@ -17,21 +17,9 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.config import load_settings
-from tests.support import GatewayProcess, clean_env, write_config
+from tests.support import INITIALIZE, MCP_HEADERS, GatewayProcess, clean_env, write_config
 
 TOKEN = "host-test-token-" + "d4" * 16
-
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "security-test", "version": "1"},
-    },
-}
-MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 
 
 def post_mcp(gateway: GatewayProcess, **headers: str) -> httpx2.Response:
