@@ -381,7 +381,7 @@ class Store:
                     number = await self._next_number(conn, f"{use_case}:{local_day}")
                     email_id = f"EMAIL-{use_case}-{local_day}-{number:03d}"
                     await conn.execute(
-                        insert(escalations),
+                        _INSERT_ESCALATION,
                         {
                             "email_id": email_id,
                             "use_case": use_case,
@@ -397,7 +397,7 @@ class Store:
                         )
                         for d in new_deliveries
                     ]
-                    await conn.execute(insert(deliveries), rows)
+                    await conn.execute(_INSERT_DELIVERIES, rows)
                 record = EscalationRecord(
                     email_id=email_id,
                     use_case=use_case,
@@ -689,6 +689,8 @@ class Store:
 _FIND_TICKET = select(escalations).where(
     escalations.c.use_case == bindparam("use_case"), escalations.c.ticket_id == bindparam("ticket_id")
 )
+_INSERT_ESCALATION = insert(escalations)
+_INSERT_DELIVERIES = insert(deliveries)
 _RECENT_TO_CUSTOMER = (
     select(func.count())
     .select_from(deliveries)
