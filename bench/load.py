@@ -14,9 +14,18 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 AsyncOp = Callable[[], Awaitable[None]]
 SyncOp = Callable[[], None]
+
+
+class Meter(Protocol):
+    """Measures something over the counted phase only (warm-up excluded); see procs.CpuMeter."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> dict[str, float]: ...
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -37,6 +46,8 @@ class Result:
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
     first_error: str | None = None
+    #: CPU seconds per process over the counted phase, when a meter was given
+    cpu: dict[str, float] = field(default_factory=dict)
 
     @property
     def ops(self) -> int:
@@ -49,6 +60,10 @@ class Result:
     def p(self, q: float) -> float:
         return percentile(self.latencies, q)
 
+    def cpu_ms_per_op(self, process: str) -> float:
+        """Milliseconds of `process`'s CPU per completed operation."""
+        return self.cpu[process] / self.ops * 1000 if self.ops and process in self.cpu else float("nan")
+
     @property
     def mean(self) -> float:
         return statistics.fmean(self.latencies) if self.latencies else float("nan")
@@ -59,7 +74,9 @@ class Result:
             self.first_error = f"{type(err).__name__}: {err}"[:300]
 
 
-async def run_async(ops: Sequence[AsyncOp], seconds: float, warmup: float) -> Result:
+async def run_async(
+    ops: Sequence[AsyncOp], seconds: float, warmup: float, meter: Meter | None = None
+) -> Result:
     """Each op is one client's next operation; run them all in a closed loop."""
 
     async def loop(op: AsyncOp, until: float, result: Result | None) -> None:
@@ -79,9 +96,13 @@ async def run_async(ops: Sequence[AsyncOp], seconds: float, warmup: float) -> Re
         until = time.perf_counter() + warmup
         await asyncio.gather(*(loop(op, until, None) for op in ops))
     result = Result(clients=len(ops))
+    if meter is not None:
+        meter.start()
     started = time.perf_counter()
     await asyncio.gather(*(loop(op, started + seconds, result) for op in ops))
     result.seconds = time.perf_counter() - started
+    if meter is not None:
+        result.cpu = meter.stop()
     return result
 
 

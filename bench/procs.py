@@ -158,6 +158,27 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+class CpuMeter:
+    """CPU seconds (user + system, all threads) that each named process, and this one (the
+    driver), spend between `start()` and `stop()`: where an escalation's work goes."""
+
+    def __init__(self, **pids: int) -> None:
+        self._processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self._processes["driver"] = psutil.Process()
+        self._started: dict[str, float] = {}
+
+    @staticmethod
+    def _cpu(process: psutil.Process) -> float:
+        times = process.cpu_times()
+        return float(times.user + times.system)
+
+    def start(self) -> None:
+        self._started = {name: self._cpu(p) for name, p in self._processes.items()}
+
+    def stop(self) -> dict[str, float]:
+        return {name: self._cpu(p) - self._started[name] for name, p in self._processes.items()}
+
+
 class RssSampler:
     """Samples a process's resident set size every `interval` seconds in a thread; keeps the peak."""
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench import acs, replicas
 from bench.load import Result, run_async, run_threads
-from bench.procs import ROOT, Gateway, NoopServer, RssSampler, Sink
+from bench.procs import ROOT, CpuMeter, Gateway, NoopServer, RssSampler, Sink
 from bench.report import Report
 from bench.sites import write_site
 from bench.workloads import (
@@ -72,8 +72,10 @@ async def measure_gateway(
     try:
         calls = Calls("smtp")
         for count in CLIENTS:
+            meter = CpuMeter(server=gateway.process.pid, sink=sink.process.pid)
             async with McpClients([gateway.mcp_url], count) as clients:
-                results[count] = await run_async([gateway_op(c, calls) for c in clients], seconds, warmup)
+                ops = [gateway_op(c, calls) for c in clients]
+                results[count] = await run_async(ops, seconds, warmup, meter)
             progress(f"gateway, {count} clients: {results[count].throughput:.1f} escalations/s")
     finally:
         peak = rss.stop()
@@ -95,8 +97,9 @@ async def measure_floor(
                 clients = [FloorClient(s, sink.port, calls, emails) for s in sessions]
                 for client in clients:
                     await client.connect()
+                meter = CpuMeter(server=server.process.pid, sink=sink.process.pid)
                 try:
-                    results[count] = await run_async([c.op for c in clients], seconds, warmup)
+                    results[count] = await run_async([c.op for c in clients], seconds, warmup, meter)
                 finally:
                     for client in clients:
                         await client.close()
@@ -188,10 +191,16 @@ def tabulate(m: Measured, report: Report, seconds: float, warmup: float) -> None
             "gateway sendemail: MCP HTTP, SMTP, SQLite store",
             str(count),
             gateway[count],
-            note=f"{gateway[count].throughput / floor[count].throughput:.2f}x floor",
+            note=f"{gateway[count].throughput / floor[count].throughput:.2f}x floor; "
+            f"server CPU {gateway[count].cpu_ms_per_op('server'):.2f} ms/escalation",
         )
     for count in CLIENTS:
-        report.add("floor: no-op MCP call + 2 aiosmtplib sends (warm)", str(count), floor[count])
+        report.add(
+            "floor: no-op MCP call + 2 aiosmtplib sends (warm)",
+            str(count),
+            floor[count],
+            note=f"server CPU {floor[count].cpu_ms_per_op('server'):.2f} ms/escalation",
+        )
     for count in CLIENTS:
         report.add(
             "floor, sends in the server: MCP tool sending 2 emails, pool of 4",
@@ -256,6 +265,13 @@ def tabulate(m: Measured, report: Report, seconds: float, warmup: float) -> None
     )
     report.criterion("gateway sequential p50 latency / floor's", latency, LATENCY_FACTOR, at_least=False)
 
+    report.notes.append(
+        "CPU per escalation at 16 clients, from /proc over the counted phase (ms; two CPUs are shared): "
+        f"gateway: server {_cpu(gateway[16], 'server')}, sink {_cpu(gateway[16], 'sink')}, "
+        f"driver (MCP clients) {_cpu(gateway[16], 'driver')}; "
+        f"floor: no-op server {_cpu(floor[16], 'server')}, sink {_cpu(floor[16], 'sink')}, "
+        f"driver (MCP clients and the sends) {_cpu(floor[16], 'driver')}."
+    )
     report.notes.append(f"Peak RSS of the SMTP gateway process over its runs: {m.peak_rss / 2**20:.0f} MiB")
     if m.acs:
         report.notes.append(f"Peak RSS of the ACS gateway process: {m.acs.peak_rss / 2**20:.0f} MiB")
@@ -279,6 +295,10 @@ def tabulate(m: Measured, report: Report, seconds: float, warmup: float) -> None
         "its next escalation as soon as the previous one returned; distinct tickets and customer addresses."
     )
     report.notes.append(f"Render percentiles over {RENDER_SAMPLES} escalations (UC2, both emails).")
+
+
+def _cpu(result: Result, process: str) -> str:
+    return f"{result.cpu_ms_per_op(process):.2f}"
 
 
 def main() -> None:
