@@ -192,14 +192,14 @@ def tabulate(m: Measured, report: Report, seconds: float, warmup: float) -> None
             str(count),
             gateway[count],
             note=f"{gateway[count].throughput / floor[count].throughput:.2f}x floor; "
-            f"server CPU {gateway[count].cpu_ms_per_op('server'):.2f} ms/escalation",
+            f"server CPU {_cpu(gateway[count], 'server')} ms/escalation",
         )
     for count in CLIENTS:
         report.add(
             "floor: no-op MCP call + 2 aiosmtplib sends (warm)",
             str(count),
             floor[count],
-            note=f"server CPU {floor[count].cpu_ms_per_op('server'):.2f} ms/escalation",
+            note=f"server CPU {_cpu(floor[count], 'server')} ms/escalation",
         )
     for count in CLIENTS:
         report.add(
@@ -298,6 +298,7 @@ def tabulate(m: Measured, report: Report, seconds: float, warmup: float) -> None
 
 
 def _cpu(result: Result, process: str) -> str:
+    """`process`'s CPU milliseconds per escalation in `result`, for the table and the notes."""
     return f"{result.cpu_ms_per_op(process):.2f}"
 
 
