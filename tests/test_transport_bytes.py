@@ -72,3 +72,18 @@ def test_as_bytes_parses_back_to_both_parts_unchanged() -> None:
     assert plain is not None and rich is not None
     assert plain.get_content().replace("\r\n", "\n") == text  # type: ignore[attr-defined]
     assert rich.get_content().replace("\r\n", "\n") == html + "\n"  # type: ignore[attr-defined]
+
+
+def test_parsed_header_cache_stays_bounded_however_many_messages_are_built() -> None:
+    """Every message adds headers never seen again (its boundary, its recipients): the
+    registry's memory of parsed headers must not grow with them (nor keep old addresses)."""
+    from gateway.transport import _POLICY, _ParsedHeaders
+
+    registry = _POLICY.header_factory
+    assert isinstance(registry, _ParsedHeaders)
+    for n in range(3 * _ParsedHeaders.RECENT):
+        long_to = tuple(f"customer{n}.{i}@example.com" for i in range(4))  # refolded: parsed
+        make_message(recipients=long_to).as_bytes()
+    assert len(registry._recent) <= _ParsedHeaders.RECENT
+    assert len(registry._parsed) <= _ParsedHeaders.LIMIT
+    assert not any("customer0." in value for _, value in registry._recent)
