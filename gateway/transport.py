@@ -136,7 +136,9 @@ class _ParsedHeaders(HeaderRegistry):
 
     def __call__(self, name: str, value: str) -> Any:
         key = (name, value)
-        header = self._parsed.get(key) or self._recent.get(key)
+        header = self._parsed.get(key)
+        if header is None:
+            header = self._recent.get(key)
         if header is None:
             header = self[name](name, value)
             # A multipart boundary is new in every message: kept only among the recent.
