@@ -87,3 +87,18 @@ def test_parsed_header_cache_stays_bounded_however_many_messages_are_built() -> 
     assert len(registry._recent) <= _ParsedHeaders.RECENT
     assert len(registry._parsed) <= _ParsedHeaders.LIMIT
     assert not any("customer0." in value for _, value in registry._recent)
+
+
+def test_each_part_reports_the_content_type_and_boundary_its_header_says() -> None:
+    """The parts answer the generator from what they were built with, not by parsing their
+    Content-Type header: those answers must be what parsing the written header gives."""
+    built = make_message().to_mime()
+    parsed = email.message_from_bytes(built.as_bytes(), policy=email.policy.default)
+    pairs = list(zip(built.walk(), parsed.walk(), strict=True))
+    assert [p.get_content_type() for _, p in pairs] == ["multipart/alternative", "text/plain", "text/html"]
+    for ours, theirs in pairs:
+        assert ours.get_content_type() == theirs.get_content_type()
+        assert ours.get_content_maintype() == theirs.get_content_maintype()
+        assert ours.get_content_subtype() == theirs.get_content_subtype()
+        assert ours.get_boundary() == theirs.get_boundary()
+    assert parsed.get_boundary() == built.get("Content-Type").params["boundary"]
