@@ -383,8 +383,10 @@ def load_settings(
     except ValidationError as err:
         message = describe_validation_error(err, origin, str(path or "built-in defaults"))
         if path is None:
-            message += (f"\n(no {DEFAULT_CONFIG_NAME} in {Path.cwd()}: run from the directory that holds it, "
-                        "or pass --config PATH / set ESCALATION_CONFIG)")
+            message += (
+                f"\n(no {DEFAULT_CONFIG_NAME} in {Path.cwd()}: run from the directory that holds it, "
+                "or pass --config PATH / set ESCALATION_CONFIG)"
+            )
         raise ConfigError(message) from None
     if "store.database_url" not in origin:
         # A relative SQLite path written in the config file is relative to that file, like templates.

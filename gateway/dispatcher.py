@@ -456,8 +456,12 @@ class Dispatcher:
                 if attempt == RECORD_ATTEMPTS:
                     # Sent but not recorded: the lease runs out and the message goes again, with the
                     # same Message-ID. Say so loudly; there is nothing better to do without a store.
-                    log.exception("could not record the outcome of delivery %s (%s)", record.id,
-                                  outcome.status, extra=context)
+                    log.exception(
+                        "could not record the outcome of delivery %s (%s)",
+                        record.id,
+                        outcome.status,
+                        extra=context,
+                    )
                     return
                 await asyncio.sleep(0.2 * attempt)
 
