@@ -16,7 +16,8 @@ from typing import Any
 from urllib.parse import quote
 
 import jinja2
-from jinja2 import meta
+from jinja2 import meta, nodes
+from jinja2.visitor import NodeTransformer
 from markupsafe import Markup, escape
 from mjml import mjml2html
 
@@ -92,7 +93,7 @@ class Renderer:
         self._html_env = jinja2.Environment(autoescape=True, **common)
         self._html_env.filters["nl2br"] = nl2br
         self._text_env.filters["nl2br"] = lambda value: value
-        self._mjml_cache: dict[str, _Part] = {}
+        self._mjml_cache: dict[str, str] = {}
         self._emails: dict[tuple[str, str], _CompiledEmail] = {}
         for use_case, uc in settings.use_cases.items():
             for role in ROLES:
@@ -110,9 +111,9 @@ class Renderer:
                 where = f"use_cases.{use_case}.{role}.templates"
                 refs: TemplateSet = block.templates
                 self._emails[(use_case, role)] = _CompiledEmail(
-                    subject=self._load(refs.subject, f"{where}.subject"),
-                    text=self._load(refs.text, f"{where}.text"),
-                    html=self._load_mjml(refs.html, f"{where}.html"),
+                    subject=self._load(refs.subject, f"{where}.subject", static),
+                    text=self._load(refs.text, f"{where}.text", static),
+                    html=self._load_mjml(refs.html, f"{where}.html", static),
                     static=static,
                 )
         self.slowest_render_seconds = self.self_test()
@@ -128,32 +129,35 @@ class Renderer:
             ) from None
         return source
 
-    def _compile(self, env: jinja2.Environment, source: str, name: str, where: str) -> _Part:
+    def _compile(
+        self, env: jinja2.Environment, source: str, name: str, where: str, static: Mapping[str, Any]
+    ) -> _Part:
         try:
-            template = env.from_string(source)
+            tree = env.parse(source)
+            template = env.from_string(_FoldStatic(static, tree).visit(tree))
         except jinja2.TemplateSyntaxError as err:
             raise StartupError(f"{where}: {name} line {err.lineno}: {err.message}") from None
         template.name = name
         return _Part(template=template, source=source, env=env)
 
-    def _load(self, name: str, where: str) -> _Part:
-        return self._compile(self._text_env, self._source(name, where), name, where)
+    def _load(self, name: str, where: str, static: Mapping[str, Any]) -> _Part:
+        return self._compile(self._text_env, self._source(name, where), name, where, static)
 
-    def _load_mjml(self, name: str, where: str) -> _Part:
-        if name in self._mjml_cache:
-            return self._mjml_cache[name]
+    def _load_mjml(self, name: str, where: str, static: Mapping[str, Any]) -> _Part:
+        if name not in self._mjml_cache:
+            self._mjml_cache[name] = self._compile_mjml(name, where)
+        return self._compile(self._html_env, self._mjml_cache[name], name, where, static)
+
+    def _compile_mjml(self, name: str, where: str) -> str:
         source = self._source(name, where)
         unknown = sorted(set(re.findall(r"<(mj-[a-z-]+)", source)) - MJML_TAGS)
         if unknown or not re.search(r"<mjml[\s>]", source):
             problem = f"unknown MJML tags {', '.join(unknown)}" if unknown else "no <mjml> root element"
             raise StartupError(f"{where}: {name}: {problem}")
         try:
-            compiled = mjml2html(source, fonts={})
+            return str(mjml2html(source, fonts={}))
         except ValueError as err:
             raise StartupError(f"{where}: {name}: invalid MJML: {err}") from None
-        part = self._compile(self._html_env, compiled, name, where)
-        self._mjml_cache[name] = part
-        return part
 
     def self_test(self) -> float:
         """Check every template's variables and render every email with sample data.
@@ -208,3 +212,46 @@ class Renderer:
 
 #: variables the renderer adds per request, beside the request's own fields
 PER_REQUEST_NAMES = ("created_at", "tracking_url", "dashboard_url", "subject")
+#: what a template may read as a constant
+_LITERALS = (str, int, float, bool)
+
+
+class _FoldStatic(NodeTransformer):
+    """Make the email's constants (brand, wording, use case, priority) literals in the template.
+
+    Jinja writes literal output into the compiled template's text, escaped once, at compile
+    time. Read as variables, they were looked up and escaped on every render, and MJML
+    repeats the brand's colours and fonts dozens of times: most of a render's work (bench/).
+    A name the template assigns itself (set, for, macro arguments), or one a request
+    supplies, stays a variable; so does anything that is not a plain value.
+    """
+
+    def __init__(self, static: Mapping[str, Any], tree: nodes.Template) -> None:
+        assigned = {n.name for n in tree.find_all(nodes.Name) if n.ctx != "load"}
+        per_request = {*SAMPLE_REQUEST, *PER_REQUEST_NAMES}
+        self.static = {k: v for k, v in static.items() if k not in assigned | per_request}
+
+    def visit_Name(self, node: nodes.Name) -> nodes.Node:
+        value = self.static.get(node.name)
+        if node.ctx == "load" and isinstance(value, _LITERALS):
+            return nodes.Const(value, lineno=node.lineno)
+        return node
+
+    def visit_Getattr(self, node: nodes.Getattr) -> nodes.Node:
+        return self._member(node, node.attr) or self.generic_visit(node)
+
+    def visit_Getitem(self, node: nodes.Getitem) -> nodes.Node:
+        key = node.arg.value if isinstance(node.arg, nodes.Const) else None
+        return (self._member(node, key) if isinstance(key, str) else None) or self.generic_visit(node)
+
+    def _member(self, node: nodes.Getattr | nodes.Getitem, key: str) -> nodes.Const | None:
+        """`brand.name` / `brand["name"]` of a constant mapping; not a name dicts have as an
+        attribute (`wording.items` is the method, to Jinja)."""
+        target = node.node
+        if not isinstance(target, nodes.Name) or target.ctx != "load":
+            return None
+        mapping = self.static.get(target.name)
+        if not isinstance(mapping, Mapping) or hasattr(mapping, key):
+            return None
+        value = mapping.get(key)
+        return nodes.Const(value, lineno=node.lineno) if isinstance(value, _LITERALS) else None

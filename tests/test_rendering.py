@@ -207,3 +207,36 @@ def test_missing_template_file_names_the_config_key(settings_factory: Callable[.
     )
     with pytest.raises(StartupError, match=r"use_cases\.UC4\.customer\.templates\.subject"):
         Renderer(settings)
+
+
+def test_constants_compiled_into_the_templates_render_exactly_as_plain_jinja(
+    settings_factory: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Brand, wording and use case values are made literals at start-up (escaped once then):
+    every email must come out as rendering them as variables would, special characters too."""
+    settings = settings_factory(
+        {
+            "brand": {"name": 'A&B <Bank> "Q"', "font_family": "'Inter', <sans>"},
+            "use_cases": {"UC2": {"title": "Q&A"}},
+        }
+    )
+    folded = Renderer(settings)
+    monkeypatch.setattr("gateway.renderer._FoldStatic.visit", lambda self, tree: tree)
+    plain = Renderer(settings)
+    assert "A&amp;B &lt;Bank&gt; &#34;Q&#34;" in folded.render("UC2", "customer", UC2, WHEN).html
+    for use_case in settings.use_cases:
+        for role in ("customer", "bank_team"):
+            assert folded.render(use_case, role, UC2, WHEN) == plain.render(use_case, role, UC2, WHEN)
+
+
+def test_a_template_that_assigns_a_constant_name_keeps_its_own_value(
+    settings_factory: Callable[..., Settings],
+) -> None:
+    settings = settings_factory()
+    subject = settings.base_dir / "templates" / "customer" / "subject.txt.j2"
+    subject.write_text(
+        '{% set brand = {"name": "Own"} %}{% for use_case in ["Loop"] %}{{ use_case }}{% endfor %} '
+        "{{ brand.name }} {{ wording.items is defined }}: {{ ticket_id }}\n"
+    )
+    email = Renderer(settings).render("UC2", "customer", UC2, WHEN)
+    assert email.subject == "Loop Own True: TKT-2025-001234"
