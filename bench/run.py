@@ -147,16 +147,22 @@ def median_of(results: list[Result]) -> Result:
 
 
 @dataclass
-class Measured:
-    """Everything one run measured, before it is tabulated."""
+class SmtpFigures:
+    """What the gateway, the floors and the peers measured into the shared SMTP sink."""
 
-    render: Result
     gateway: dict[int, Result]
     peak_rss: int
     floor: dict[int, Result]
     server_floor: dict[int, Result]
     peers: dict[str, Result]
     rounds: list[Round]
+
+
+@dataclass
+class Measured(SmtpFigures):
+    """Everything one run measured, before it is tabulated."""
+
+    render: Result
     acs: acs.AcsResult | None
     replicas: dict[int, Result] | None
     sink_accepted: int
@@ -211,18 +217,7 @@ async def measure_smtp(
     gateway_results[JUDGED_CLIENTS] = median_of([r.gateway for r in rounds])
     floor[JUDGED_CLIENTS] = median_of([r.floor for r in rounds])
     peers[f"apprise-{PEER_THREADS}"] = median_of([r.apprise for r in rounds])
-    return Measured(
-        render=Result(clients=1),
-        gateway=gateway_results,
-        peak_rss=peak,
-        floor=floor,
-        server_floor=server_floor,
-        peers=peers,
-        rounds=rounds,
-        acs=None,
-        replicas=None,
-        sink_accepted=0,
-    )
+    return SmtpFigures(gateway_results, peak, floor, server_floor, peers, rounds)
 
 
 async def measure(args: argparse.Namespace, report: Report, workdir: Path) -> Measured:
@@ -233,13 +228,14 @@ async def measure(args: argparse.Namespace, report: Report, workdir: Path) -> Me
     emails = sample_emails(settings)
 
     sink = Sink(workdir)
+    acs_result: acs.AcsResult | None = None
+    pg: dict[int, Result] | None = None
     try:
-        measured = await measure_smtp(workdir, sink, emails, seconds, warmup)
-        measured.render = render
+        smtp = await measure_smtp(workdir, sink, emails, seconds, warmup)
         if not args.skip_acs:
             try:
-                measured.acs = await acs.measure(workdir, seconds, warmup)
-                progress(f"ACS: p50 {measured.acs.call.p(50) * 1000:.1f} ms")
+                acs_result = await acs.measure(workdir, seconds, warmup)
+                progress(f"ACS: p50 {acs_result.call.p(50) * 1000:.1f} ms")
             except Exception as err:  # an optional row: say why it is missing, keep the rest
                 report.notes.append(f"ACS rows: not measured ({type(err).__name__}: {err})")
         pg_url = replicas.database_url()
@@ -247,17 +243,13 @@ async def measure(args: argparse.Namespace, report: Report, workdir: Path) -> Me
             report.notes.append("PostgreSQL replicas: skipped (set BENCH_DATABASE_URL or TEST_DATABASE_URL).")
         elif not args.skip_replicas:
             try:
-                measured.replicas = await replicas.measure(
-                    workdir, sink.port, pg_url, [16, 64], seconds, warmup
-                )
-                pg16 = measured.replicas[16].throughput
-                progress(f"3 replicas on PostgreSQL, 16 clients: {pg16:.1f} escalations/s")
+                pg = await replicas.measure(workdir, sink.port, pg_url, [16, 64], seconds, warmup)
+                progress(f"3 replicas on PostgreSQL, 16 clients: {pg[16].throughput:.1f} escalations/s")
             except Exception as err:
                 report.notes.append(f"PostgreSQL replicas: not measured ({type(err).__name__}: {err})")
     finally:
-        measured_accepted = sink.stop()
-    measured.sink_accepted = measured_accepted
-    return measured
+        accepted = sink.stop()
+    return Measured(**vars(smtp), render=render, acs=acs_result, replicas=pg, sink_accepted=accepted)
 
 
 def tabulate(m: Measured, report: Report, seconds: float, warmup: float) -> None:

@@ -141,9 +141,9 @@ class _ParsedHeaders(HeaderRegistry):
     The stock registry makes a new class for every header it parses, and every message
     repeats the same MIME headers (Content-Type, Content-Transfer-Encoding, MIME-Version,
     From). Parsed headers are immutable strings, so one instance serves every message;
-    the bytes written are the same. Raw values are parsed each time they are read (the
-    generator reads Content-Type several times per message), so the last few parsed are
-    kept too. (Building MIME was a third of a send's CPU time.)
+    the bytes written are the same. Raw values are parsed each time they are read (a line
+    too long to write as it is, read back by code that inspects a message), so the last few
+    parsed are kept too. (Building MIME was a third of a send's CPU time.)
     """
 
     REPEATED = frozenset({"content-type", "content-transfer-encoding", "mime-version", "from"})
