@@ -38,7 +38,7 @@ CLIENTS = (1, 16, 64)
 PEER_THREADS = 16
 #: the client count the criteria judge, and how many alternating rounds measure it
 JUDGED_CLIENTS = 16
-JUDGED_ROUNDS = 3
+JUDGED_ROUNDS = 5
 RENDER_SAMPLES = 2000
 #: the judged bounds (issue 8)
 APPRISE_FACTOR = 5.0
