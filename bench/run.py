@@ -39,6 +39,8 @@ PEER_THREADS = 16
 #: the client count the criteria judge, and how many alternating rounds measure it
 JUDGED_CLIENTS = 16
 JUDGED_ROUNDS = 5
+#: what each judged round measures (`Round`'s fields), in the order of the first round
+CONTENDERS = ("gateway", "floor", "server_floor", "apprise")
 RENDER_SAMPLES = 2000
 #: the judged bounds (issue 8)
 APPRISE_FACTOR = 5.0
@@ -86,7 +88,8 @@ async def floor_figure(
     seconds: float,
     warmup: float,
 ) -> Result:
-    """The judged floor: each client's no-op MCP call, then its two sends on its own warm connection."""
+    """The floor with the sends in the client: each client's no-op MCP call, then its two sends on
+    its own warm connection."""
     async with McpClients([server.mcp_url], count) as sessions:
         clients = [FloorClient(s, sink.port, calls, emails) for s in sessions]
         for client in clients:
@@ -104,7 +107,7 @@ async def floor_figure(
 async def server_floor_figure(
     server: NoopServer, calls: Calls, count: int, seconds: float, warmup: float
 ) -> Result:
-    """The floor with the sends in the server (`send_two`)."""
+    """The floor with the sends in the server (`send_two`, on a pool of 4 warm connections)."""
     async with McpClients([server.mcp_url], count) as sessions:
         result = await run_async([server_floor_op(s, calls) for s in sessions], seconds, warmup)
     progress(f"floor in the server, {count} clients: {result.throughput:.1f} escalations/s")
@@ -126,15 +129,20 @@ def naive_figure(sink: Sink, emails: list[Email], threads: int, seconds: float, 
 
 @dataclass
 class Round:
-    """One judged round: the three 16-way figures the criteria compare, measured back to back."""
+    """One judged round: the 16-way figures the criteria compare, measured back to back."""
 
     gateway: Result
     floor: Result
+    server_floor: Result
     apprise: Result
 
     @property
     def vs_floor(self) -> float:
         return self.gateway.throughput / self.floor.throughput
+
+    @property
+    def vs_server_floor(self) -> float:
+        return self.gateway.throughput / self.server_floor.throughput
 
     @property
     def vs_apprise(self) -> float:
@@ -172,9 +180,9 @@ async def measure_smtp(
     workdir: Path, sink: Sink, emails: list[Email], seconds: float, warmup: float
 ) -> SmtpFigures:
     """The gateway, the floors and the peers into one sink. The 16-way figures that the criteria
-    compare are taken in JUDGED_ROUNDS alternating rounds (gateway, floor, Apprise), so that a
-    shared machine slowing down for a while weighs on all three alike; the criteria use the
-    median round's ratio, and the table the median figure of each."""
+    compare are taken in JUDGED_ROUNDS alternating rounds (gateway, both floors, Apprise), so
+    that a shared machine slowing down for a while weighs on all of them alike; the criteria use
+    the median round's ratio, and the table the median figure of each."""
     config = write_site(workdir / "smtp", {"transports": {"smtp": {"host": "127.0.0.1", "port": sink.port}}})
     gateway = Gateway("gateway-smtp", config, {"EMAIL_TRANSPORT": "smtp"})
     rss = RssSampler(gateway.process.pid)
@@ -187,28 +195,29 @@ async def measure_smtp(
             c: await gateway_figure(gateway, sink, gateway_calls, c, seconds, warmup) for c in others
         }
         floor = {c: await floor_figure(server, sink, floor_calls, emails, c, seconds, warmup) for c in others}
-        server_floor = {
-            c: await server_floor_figure(server, floor_calls, c, seconds, warmup) for c in CLIENTS
-        }
+        server_floor = {c: await server_floor_figure(server, floor_calls, c, seconds, warmup) for c in others}
         peers = {
             "apprise-1": apprise_figure(sink, emails, 1, seconds, warmup),
             "naive-1": naive_figure(sink, emails, 1, seconds, warmup),
             f"naive-{PEER_THREADS}": naive_figure(sink, emails, PEER_THREADS, seconds, warmup),
         }
+
+        async def judged(contender: str) -> Result:
+            if contender == "gateway":
+                return await gateway_figure(gateway, sink, gateway_calls, JUDGED_CLIENTS, seconds, warmup)
+            if contender == "floor":
+                return await floor_figure(server, sink, floor_calls, emails, JUDGED_CLIENTS, seconds, warmup)
+            if contender == "server_floor":
+                return await server_floor_figure(server, floor_calls, JUDGED_CLIENTS, seconds, warmup)
+            return apprise_figure(sink, emails, PEER_THREADS, seconds, warmup)
+
         rounds = []
-        for number in range(1, JUDGED_ROUNDS + 1):
-            progress(f"judged round {number} of {JUDGED_ROUNDS}")
-            rounds.append(
-                Round(
-                    gateway=await gateway_figure(
-                        gateway, sink, gateway_calls, JUDGED_CLIENTS, seconds, warmup
-                    ),
-                    floor=await floor_figure(
-                        server, sink, floor_calls, emails, JUDGED_CLIENTS, seconds, warmup
-                    ),
-                    apprise=apprise_figure(sink, emails, PEER_THREADS, seconds, warmup),
-                )
-            )
+        for number in range(JUDGED_ROUNDS):
+            progress(f"judged round {number + 1} of {JUDGED_ROUNDS}")
+            # Each round starts with a different contender, so none is always measured first.
+            start = number % len(CONTENDERS)
+            figures = {c: await judged(c) for c in CONTENDERS[start:] + CONTENDERS[:start]}
+            rounds.append(Round(**figures))
     finally:
         peak = rss.stop()
         gateway.stop()
@@ -216,6 +225,7 @@ async def measure_smtp(
             server.stop()
     gateway_results[JUDGED_CLIENTS] = median_of([r.gateway for r in rounds])
     floor[JUDGED_CLIENTS] = median_of([r.floor for r in rounds])
+    server_floor[JUDGED_CLIENTS] = median_of([r.server_floor for r in rounds])
     peers[f"apprise-{PEER_THREADS}"] = median_of([r.apprise for r in rounds])
     return SmtpFigures(gateway_results, peak, floor, server_floor, peers, rounds)
 
@@ -258,29 +268,32 @@ def tabulate(m: Measured, report: Report, seconds: float, warmup: float) -> None
     report.add(
         "render both emails (in-process)", "1", m.render, latency_only=True, note="spec target < 100 ms"
     )
-    # At the judged client count, the median of the rounds' ratios (what the criterion uses).
+    # At the judged client count, the median of the rounds' ratios (what the criteria use).
     vs_floor = {c: gateway[c].throughput / floor[c].throughput for c in CLIENTS}
     vs_floor[JUDGED_CLIENTS] = statistics.median(r.vs_floor for r in m.rounds)
+    vs_server = {c: gateway[c].throughput / server_floor[c].throughput for c in CLIENTS}
+    vs_server[JUDGED_CLIENTS] = statistics.median(r.vs_server_floor for r in m.rounds)
     for count in CLIENTS:
         report.add(
             "gateway sendemail: MCP HTTP, SMTP, SQLite store",
             str(count),
             gateway[count],
-            note=f"{vs_floor[count]:.2f}x floor; server CPU {_cpu(gateway[count], 'server')} ms/escalation",
+            note=f"{vs_floor[count]:.2f}x floor (client sends), "
+            f"{vs_server[count]:.2f}x floor (server sends); "
+            f"server CPU {_cpu(gateway[count], 'server')} ms/escalation",
         )
     for count in CLIENTS:
         report.add(
-            "floor: no-op MCP call + 2 aiosmtplib sends (warm)",
+            "floor, sends in the client: no-op MCP call, then 2 aiosmtplib sends (warm)",
             str(count),
             floor[count],
             note=f"server CPU {_cpu(floor[count], 'server')} ms/escalation",
         )
     for count in CLIENTS:
         report.add(
-            "floor, sends in the server: MCP tool sending 2 emails, pool of 4",
+            "floor, sends in the server: MCP tool sending the 2 emails, pool of 4 (warm)",
             str(count),
             server_floor[count],
-            note=f"gateway at {gateway[count].throughput / server_floor[count].throughput:.2f}x",
         )
     for threads in (1, PEER_THREADS):
         report.add("Apprise mailto:// (throttle off)", f"{threads} threads", peers[f"apprise-{threads}"])
@@ -306,33 +319,27 @@ def tabulate(m: Measured, report: Report, seconds: float, warmup: float) -> None
             note=f"{result.throughput / gateway[count].throughput:.2f}x one SQLite gateway",
         )
 
-    g16 = gateway[JUDGED_CLIENTS].throughput
-    latency = report.ratio("gateway / floor, sequential p50 latency", gateway[1].p(50) / floor[1].p(50))
-    judged_vs_floor = vs_floor[JUDGED_CLIENTS]
+    latency = gateway[1].p(50) / floor[1].p(50)
+    latency_server = gateway[1].p(50) / server_floor[1].p(50)
+    report.ratio("gateway / floor (client sends), sequential p50 latency", latency)
+    report.ratio("gateway / floor (server sends), sequential p50 latency", latency_server)
+    for label, ratios in (("client sends", vs_floor), ("server sends", vs_server)):
+        for count in CLIENTS:
+            judged = " (median round)" if count == JUDGED_CLIENTS else ""
+            report.ratio(f"gateway / floor ({label}) throughput, {count} clients{judged}", ratios[count])
     judged_vs_apprise = statistics.median(r.vs_apprise for r in m.rounds)
-    for count in CLIENTS:
-        judged = " (median round)" if count == JUDGED_CLIENTS else ""
-        report.ratio(f"gateway / floor throughput, {count} clients{judged}", vs_floor[count])
-    for count in CLIENTS:
-        report.ratio(
-            f"gateway / floor with the sends in the server, {count} clients",
-            gateway[count].throughput / server_floor[count].throughput,
-        )
-    report.ratio(
-        "gateway / floor with the sends in the server, sequential p50 latency",
-        gateway[1].p(50) / server_floor[1].p(50),
-    )
     report.ratio(
         f"gateway / Apprise throughput, 16 clients vs {PEER_THREADS} threads (median round)",
         judged_vs_apprise,
     )
-    report.ratio(
-        f"floor / Apprise throughput, 16 vs {PEER_THREADS} (median round)",
-        statistics.median(r.floor.throughput / r.apprise.throughput for r in m.rounds),
-    )
+    for label, field in (("client sends", "floor"), ("server sends", "server_floor")):
+        report.ratio(
+            f"floor ({label}) / Apprise throughput, 16 vs {PEER_THREADS} (median round)",
+            statistics.median(getattr(r, field).throughput / r.apprise.throughput for r in m.rounds),
+        )
     report.ratio(
         f"gateway / naive design throughput, 16 vs {PEER_THREADS}",
-        g16 / peers[f"naive-{PEER_THREADS}"].throughput,
+        gateway[JUDGED_CLIENTS].throughput / peers[f"naive-{PEER_THREADS}"].throughput,
     )
     report.criterion(
         "gateway throughput at 16 clients / Apprise at 16 threads (median round)",
@@ -340,27 +347,43 @@ def tabulate(m: Measured, report: Report, seconds: float, warmup: float) -> None
         APPRISE_FACTOR,
         at_least=True,
     )
+    # The issue's floor reads two ways (docs/benchmarks.md, "Judged criteria"); both are judged.
     report.criterion(
-        "gateway throughput at 16 clients / floor at 16 clients (median round)",
-        judged_vs_floor,
+        "gateway throughput at 16 clients / floor with the sends in the client at 16 (median round)",
+        vs_floor[JUDGED_CLIENTS],
         FLOOR_FACTOR,
         at_least=True,
     )
-    report.criterion("gateway sequential p50 latency / floor's", latency, LATENCY_FACTOR, at_least=False)
+    report.criterion(
+        "gateway throughput at 16 clients / floor with the sends in the server at 16 (median round)",
+        vs_server[JUDGED_CLIENTS],
+        FLOOR_FACTOR,
+        at_least=True,
+    )
+    report.criterion(
+        "gateway sequential p50 latency / floor's (client sends)", latency, LATENCY_FACTOR, at_least=False
+    )
+    report.criterion(
+        "gateway sequential p50 latency / floor's (server sends)",
+        latency_server,
+        LATENCY_FACTOR,
+        at_least=False,
+    )
 
     report.notes.append(
         "CPU per escalation at 16 clients, from /proc over the counted phase (ms; two CPUs are shared): "
         f"gateway: server {_cpu(gateway[16], 'server')}, sink {_cpu(gateway[16], 'sink')}, "
         f"driver (MCP clients) {_cpu(gateway[16], 'driver')}; "
-        f"floor: no-op server {_cpu(floor[16], 'server')}, sink {_cpu(floor[16], 'sink')}, "
+        f"floor (client sends): no-op server {_cpu(floor[16], 'server')}, sink {_cpu(floor[16], 'sink')}, "
         f"driver (MCP clients and the sends) {_cpu(floor[16], 'driver')}."
     )
     report.notes.append(
-        f"Judged rounds ({JUDGED_CLIENTS} clients, {PEER_THREADS} Apprise threads, measured back to back; "
-        "escalations/s): "
+        f"Judged rounds ({JUDGED_CLIENTS} clients, {PEER_THREADS} Apprise threads, measured back to back, "
+        "each round starting with the next contender; escalations/s): "
         + "; ".join(
-            f"{n}: gateway {r.gateway.throughput:.1f}, floor {r.floor.throughput:.1f}, Apprise "
-            f"{r.apprise.throughput:.1f} ({r.vs_floor:.2f}x floor, {r.vs_apprise:.2f}x Apprise)"
+            f"{n}: gateway {r.gateway.throughput:.1f}, floor (client sends) {r.floor.throughput:.1f}, "
+            f"floor (server sends) {r.server_floor.throughput:.1f}, Apprise {r.apprise.throughput:.1f} "
+            f"({r.vs_floor:.2f}x / {r.vs_server_floor:.2f}x the floors, {r.vs_apprise:.2f}x Apprise)"
             for n, r in enumerate(m.rounds, 1)
         )
         + ". The table's 16-client rows show each contender's median figure."
