@@ -9,9 +9,11 @@ database has it) make one process send each pending delivery.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import functools
 import json
+import queue
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
@@ -215,29 +217,83 @@ class _InlineConnection:
 
 
 class _SqliteThread:
-    """One thread with its own event loop, on which every SQLite transaction runs whole.
+    """One thread on which every SQLite transaction runs whole, start to finish.
 
     A SQLite transaction is a few hundred microseconds of local work. Stepped statement by
     statement through an async driver (aiosqlite) it cost a thread round trip per statement
     (about twenty per escalation), each waiting for a busy event loop while SQLite's single
     write lock was held: that capped throughput (bench/, docs/benchmarks.md). Here a
-    transaction costs one round trip, runs without yielding (so transactions never
+    transaction costs one hand-over each way, runs without yielding (so transactions never
     interleave), and any wait for SQLite's lock (another process writing, a checkpoint)
     blocks this thread, never the server's loop.
+
+    The store's coroutines never suspend on SQLite (`_InlineConnection`), so this thread
+    drives each with a single `send` instead of running an event loop of its own: an
+    event loop here cost a self-pipe write and a wake-up per transaction (bench/).
     """
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="gateway-sqlite", daemon=True)
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._work, name="gateway-sqlite", daemon=True)
         self._thread.start()
 
     async def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+        if self._stopped:
+            coro.close()
+            raise RuntimeError("the store is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        self._jobs.put(_Job(coro, future, loop))
+        return await future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if job.future.cancelled():  # its caller gave up before it started: never run it
+                job.coro.close()
+                continue
+            try:
+                job.coro.send(None)
+            except StopIteration as finished:
+                job.settle(finished.value, None)
+            except BaseException as error:  # the caller's to handle, on its own loop
+                job.settle(None, error)
+            else:
+                job.coro.close()
+                job.settle(None, RuntimeError("a store transaction suspended on the SQLite thread"))
+        # Stopped: whatever was queued behind the stop is refused, so no caller waits forever.
+        while not self._jobs.empty():
+            if (late := self._jobs.get()) is not None:
+                late.coro.close()
+                late.settle(None, RuntimeError("the store is closed"))
 
     def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._stopped = True
+        self._jobs.put(None)
         self._thread.join()
-        self.loop.close()
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One transaction for the SQLite thread, and where its caller waits for the result."""
+
+    coro: Coroutine[Any, Any, Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+    def settle(self, value: Any, error: BaseException | None) -> None:
+        # RuntimeError: the caller's loop is closed, nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(_settle, self.future, value, error)
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Coroutine[Any, Any, Any]])
