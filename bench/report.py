@@ -79,7 +79,8 @@ class Report:
             for what, value, bound, at_least in self.criteria:
                 ok = value >= bound if at_least else value <= bound
                 sign = ">=" if at_least else "<="
-                lines.append(f"- [{'PASS' if ok else 'FAIL'}] {what}: {value:.2f} (needs {sign} {bound:g})")
+                # Three decimals: 0.597 printed as 0.60 beside FAIL would read as a contradiction.
+                lines.append(f"- [{'PASS' if ok else 'FAIL'}] {what}: {value:.3f} (needs {sign} {bound:g})")
         if self.notes:
             lines += ["", "## Notes", ""]
             lines += [f"- {note}" for note in self.notes]
