@@ -91,6 +91,11 @@ class _WaitRetryAfter(wait_exponential_jitter):
         return max(wait, float(hint)) if hint else wait
 
 
+#: tenacity's wait and retry strategies hold no state: built once, not for every send
+_BACKOFF = _WaitRetryAfter(multiplier=0.25, max=5.0, jitter=0.25)
+_RETRY_TRANSIENT = retry_if_exception_type(TransientDeliveryError)
+
+
 def now_utc() -> datetime:
     return datetime.now(UTC)
 
@@ -209,8 +214,8 @@ class Dispatcher:
         window = max(0.0, deadline - time.monotonic())
         retrying = AsyncRetrying(
             stop=stop_after_attempt(tries) | stop_before_delay(window),
-            wait=_WaitRetryAfter(multiplier=0.25, max=5.0, jitter=0.25),
-            retry=retry_if_exception_type(TransientDeliveryError),
+            wait=_BACKOFF,
+            retry=_RETRY_TRANSIENT,
             reraise=True,
             before_sleep=lambda _state: self.metrics.retries.labels(name).inc(),
         )
