@@ -47,37 +47,60 @@ class OutgoingMessage:
     def to_mime(self) -> EmailMessage:
         """RFC 5322 multipart/alternative (text/plain + text/html), UTF-8."""
         boundary = self._boundary()
-        msg = self._with_headers(_KnownPart("multipart/alternative", boundary))
-        msg.set_raw("MIME-Version", "1.0")
-        # Folded as the email package folds it (the line would be 84 characters), set raw so
-        # that writing the message does not parse and refold it again.
-        msg.set_raw("Content-Type", f'multipart/alternative;\r\n boundary="{boundary}"')
+        msg = _KnownPart("multipart/alternative", boundary)
+        for name, value in self._header_fields(boundary):
+            # Set raw: the email package would parse each value into a header object and parse
+            # it again to write it (bench/). A line over 78 characters is still refolded.
+            msg.set_raw(name, value)
         msg.attach(_utf8_part("plain", self.text))
         msg.attach(_utf8_part("html", self.html))
         return msg
 
     def as_bytes(self) -> bytes:
         """The RFC 5322 bytes (CRLF line ends, 7-bit clean): identical on every call and retry,
-        and to `to_mime().as_bytes()` (tests/test_transport_bytes.py)."""
-        out = io.BytesIO()
-        _LineEndingGenerator(out, mangle_from_=False, policy=_POLICY).flatten(self.to_mime())
-        return out.getvalue()
+        and to what the email package writes for `to_mime()` (tests/test_transport_bytes.py).
 
-    def _with_headers(self, msg: EmailMessage) -> EmailMessage:
-        """`msg` with the top-level headers, each checked by `_safe_header`.
+        Written here, in the email package's layout, without building the message tree: its
+        generator walked the tree, cloned itself per part and asked each part about its type,
+        over a third of an escalation's MIME work (bench/). A header the email package would
+        refold (a line over 78 characters) sends the message through the email package itself.
+        """
+        boundary = self._boundary()
+        head = _written_headers(self._header_fields(boundary))
+        if head is None:
+            out = io.BytesIO()
+            _LineEndingGenerator(out, mangle_from_=False, policy=_POLICY).flatten(self.to_mime())
+            return out.getvalue()
+        dash = f"--{boundary}"
+        return "".join(
+            (
+                head,
+                f"\r\n{dash}\r\n",
+                _part_as_written("plain", self.text),
+                f"\r\n{dash}\r\n",
+                _part_as_written("html", self.html),
+                f"\r\n{dash}--\r\n",
+            )
+        ).encode("ascii")
 
-        Values are set raw: the email package would parse each into a header object and
-        parse it again to write it, the largest part of building a message (bench/). The
-        addresses were validated on the way in and are plain ASCII (`_safe_header`); a line
-        longer than 78 characters is still refolded by the policy when written."""
-        msg.set_raw("From", _safe_header("From", self.sender, address=True))
-        msg.set_raw("To", _safe_header("To", ", ".join(self.recipients), address=True))
-        _set_text_header(msg, "Subject", self.subject)
-        msg.set_raw("Date", format_datetime(self.date))
-        msg.set_raw("Message-ID", _safe_header("Message-ID", self.message_id, address=True))
-        for name, value in self.headers.items():
-            _set_text_header(msg, name, value)
-        return msg
+    def _header_fields(self, boundary: str) -> list[tuple[str, str]]:
+        """The top-level headers in order, each checked by `_safe_header` and folded as written.
+
+        The addresses were validated on the way in and are plain ASCII (`_safe_header`)."""
+        fields = [
+            ("From", _safe_header("From", self.sender, address=True)),
+            ("To", _safe_header("To", ", ".join(self.recipients), address=True)),
+            ("Subject", _text_header("Subject", self.subject)),
+            ("Date", format_datetime(self.date)),
+            ("Message-ID", _safe_header("Message-ID", self.message_id, address=True)),
+        ]
+        fields += [(name, _text_header(name, value)) for name, value in self.headers.items()]
+        # Content-Type folded as the email package folds it (the line would be 84 characters).
+        fields += [
+            ("MIME-Version", "1.0"),
+            ("Content-Type", f'multipart/alternative;\r\n boundary="{boundary}"'),
+        ]
+        return fields
 
     def _boundary(self) -> str:
         """Ours, the same on every retry: the generator would draw a random one and search both
@@ -85,15 +108,51 @@ class OutgoingMessage:
         return f"==============={hashlib.sha256(self.message_id.encode()).hexdigest()[:19]}=="
 
 
-def _utf8_part(subtype: str, text: str) -> EmailMessage:
-    """A text part, quoted-printable: 7-bit clean, readable, and encoded by binascii's C code
+def _quoted_printable(text: str) -> str:
+    """A text body, quoted-printable: 7-bit clean, readable, and encoded by binascii's C code
     (the email package's own encoder is pure Python, the largest cost of a send; bench/)."""
-    part = _KnownPart(f"text/{subtype}")
-    part.set_raw("Content-Type", f'text/{subtype}; charset="utf-8"')
-    part.set_raw("Content-Transfer-Encoding", "quoted-printable")
     body = text if text.endswith("\n") else text + "\n"
-    part.set_payload(binascii.b2a_qp(body.encode("utf-8"), istext=True).decode("ascii"))
+    return binascii.b2a_qp(body.encode("utf-8"), istext=True).decode("ascii")
+
+
+def _part_headers(subtype: str) -> tuple[tuple[str, str], ...]:
+    return (
+        ("Content-Type", f'text/{subtype}; charset="utf-8"'),
+        ("Content-Transfer-Encoding", "quoted-printable"),
+    )
+
+
+def _utf8_part(subtype: str, text: str) -> _KnownPart:
+    part = _KnownPart(f"text/{subtype}")
+    for name, value in _part_headers(subtype):
+        part.set_raw(name, value)
+    part.set_payload(_quoted_printable(text))
     return part
+
+
+def _part_as_written(subtype: str, text: str) -> str:
+    """A text part as the email package's generator writes `_utf8_part(subtype, text)`."""
+    head = "".join(f"{name}: {value}\r\n" for name, value in _part_headers(subtype))
+    return f"{head}\r\n{_crlf(_quoted_printable(text))}"
+
+
+def _crlf(lines: str) -> str:
+    """Every line end made CRLF, as the generator writes a body. Quoted-printable output has
+    only "\\n" unless the text had CRLF, and then a plain replace is ten times faster than the regex."""
+    return _LINE_END.sub("\r\n", lines) if "\r" in lines else lines.replace("\n", "\r\n")
+
+
+def _written_headers(fields: list[tuple[str, str]]) -> str | None:
+    """The header lines as email.policy.SMTP writes raw values, or None where it would refold
+    one (a line longer than 78 characters): only the email package can write that one."""
+    written = []
+    for name, value in fields:
+        lines = value.splitlines()
+        first_too_long = bool(lines) and len(name) + 2 + len(lines[0]) > _MAX_LINE
+        if first_too_long or any(len(line) > _MAX_LINE for line in lines[1:]):
+            return None
+        written.append(f"{name}: " + "\r\n".join(lines) + "\r\n")
+    return "".join(written)
 
 
 class _KnownPart(EmailMessage):
@@ -128,11 +187,8 @@ class _LineEndingGenerator(BytesGenerator):
     def _write_lines(self, lines: str) -> None:
         if lines:
             # flatten() sets policy to the one it writes with; the base class splits on these ends
-            assert self.policy is not None
-            if "\r" in lines:
-                self.write(_LINE_END.sub(self.policy.linesep, lines))
-            else:  # quoted-printable output has only "\n": a plain replace, ten times faster
-                self.write(lines.replace("\n", self.policy.linesep))
+            assert self.policy is not None and self.policy.linesep == "\r\n"
+            self.write(_crlf(lines))
 
 
 class _ParsedHeaders(HeaderRegistry):
@@ -180,8 +236,10 @@ class _ParsedHeaders(HeaderRegistry):
         return header
 
 
+#: the longest header line the policy writes as it is given (email.policy.SMTP's own limit)
+_MAX_LINE = 78
 #: email.policy.SMTP (CRLF, RFC 5322) with the remembering header registry
-_POLICY = SMTP.clone(header_factory=_ParsedHeaders())
+_POLICY = SMTP.clone(header_factory=_ParsedHeaders(), max_line_length=_MAX_LINE)
 
 
 #: the line ends the email package recognises (email.generator.NLCRE)
@@ -205,8 +263,8 @@ def _safe_header(name: str, value: str, *, address: bool = False) -> str:
     return value
 
 
-def _set_text_header(msg: EmailMessage, name: str, value: str) -> None:
-    """Set an unstructured header, folded here, so that recipients decode exactly `value`.
+def _text_header(name: str, value: str) -> str:
+    """An unstructured header's value, folded here, so that recipients decode exactly `value`.
 
     Python's own folding is not used: it decodes encoded-words in a value it is
     given (CR/LF included: header injection), drops the space between two
@@ -219,7 +277,7 @@ def _set_text_header(msg: EmailMessage, name: str, value: str) -> None:
     folded = _fold_at_spaces(name, value) if plain else None
     if folded is None:
         folded = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
-    msg.set_raw(name, folded)
+    return folded
 
 
 def _fold_at_spaces(name: str, value: str, limit: int = 78) -> str | None:

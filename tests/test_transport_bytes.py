@@ -102,3 +102,18 @@ def test_each_part_reports_the_content_type_and_boundary_its_header_says() -> No
         assert ours.get_content_subtype() == theirs.get_content_subtype()
         assert ours.get_boundary() == theirs.get_boundary()
     assert parsed.get_boundary() == built.get("Content-Type").params["boundary"]
+
+
+def test_a_header_line_the_policy_would_refold_sends_the_message_through_the_email_package() -> None:
+    """`as_bytes` writes the usual message itself; a header line over 78 characters (a long
+    To) is refolded by the email package, which then writes the whole message. Both ways
+    give the email package's bytes."""
+    from gateway.transport import _written_headers
+
+    long_to = make_message(recipients=tuple(f"customer{n}@example.com" for n in range(4)))
+    usual = make_message()
+    assert _written_headers(long_to._header_fields("b")) is None
+    assert _written_headers(usual._header_fields("b")) is not None
+    for message in (long_to, usual):
+        tree, flattened = written_by_the_email_package(message)
+        assert message.as_bytes() == tree == flattened
