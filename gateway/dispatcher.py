@@ -211,6 +211,20 @@ class Dispatcher:
         extra: dict[str, Any],
     ) -> Receipt:
         name = transport.name
+
+        async def attempt() -> Receipt:
+            await self._take_slot(name, deadline)
+            tally.attempts += 1
+            return await self._attempt(transport, message, deadline, tally.before + tally.attempts, extra)
+
+        try:
+            # Nearly every send succeeds at once, and tenacity's loop costs more CPU than the
+            # gateway's own part of a send (bench/): it is set up only when a retry may follow.
+            return await attempt()
+        except TransientDeliveryError as err:
+            if tries <= 1:
+                raise
+            failed = err
         window = max(0.0, deadline - time.monotonic())
         retrying = AsyncRetrying(
             stop=stop_after_attempt(tries) | stop_before_delay(window),
@@ -219,11 +233,11 @@ class Dispatcher:
             reraise=True,
             before_sleep=lambda _state: self.metrics.retries.labels(name).inc(),
         )
-        async for attempt in retrying:
-            with attempt:
-                await self._take_slot(name, deadline)
-                tally.attempts += 1
-                return await self._attempt(transport, message, deadline, tally.before + tally.attempts, extra)
+        async for retry in retrying:
+            with retry:
+                if retry.retry_state.attempt_number == 1:
+                    raise failed  # the attempt above: tenacity decides on and paces what follows
+                return await attempt()
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def _take_slot(self, name: str, deadline: float) -> None:
