@@ -431,6 +431,38 @@ async def test_smtp_concurrent_sends_share_at_most_pool_size_connections(
 
 
 @pytest.mark.anyio
+async def test_smtp_pool_sends_cancelled_while_waiting_for_a_slot_leave_every_slot_free() -> None:
+    """A send given up while all connections are busy (EMAIL_TIMEOUT_SECONDS, shutdown) must
+    not take a slot with it, nor keep the others waiting."""
+    from contextlib import AsyncExitStack
+
+    from gateway_smtp.pool import ConnectionPool
+
+    pool = ConnectionPool(size=2, idle_timeout=60)
+    served: list[int] = []
+
+    async def send(n: int) -> None:
+        async with pool.lease():
+            served.append(n)
+
+    async with AsyncExitStack() as busy:
+        for _ in range(2):
+            await busy.enter_async_context(pool.lease())
+        assert pool.saturated
+        waiting = [asyncio.create_task(send(n)) for n in range(6)]
+        await asyncio.sleep(0)
+        for task in waiting[::2]:
+            task.cancel()
+    await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
+    assert served == [1, 3, 5]
+    assert not pool.saturated
+    async with AsyncExitStack() as both:  # both slots at once, without waiting
+        for _ in range(2):
+            await asyncio.wait_for(both.enter_async_context(pool.lease()), 1)
+        assert pool.saturated
+
+
+@pytest.mark.anyio
 async def test_smtp_reconnects_when_the_server_drops_the_connection_after_each_message(
     sink: SMTPSink, make_transport: MakeTransport
 ) -> None:

@@ -75,21 +75,25 @@ class ConnectionPool:
         self.size = size
         self.idle_timeout = idle_timeout
         self.max_messages = max_messages
-        self._slots = asyncio.Semaphore(size)
+        # Free slots as tokens in a queue, not a semaphore: with dozens of sends waiting,
+        # asyncio.Semaphore (Python 3.11) scans its waiters on every wake-up (bench/).
+        self._slots: asyncio.Queue[None] = asyncio.Queue()
+        for _ in range(size):
+            self._slots.put_nowait(None)
         self._idle: list[Connection] = []
         self._closed = False
 
     @property
     def saturated(self) -> bool:
         """Every slot is taken right now."""
-        return self._slots.locked()
+        return self._slots.empty()
 
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[Lease]:
         """Hold one slot (waiting for it) and the best idle connection, if any, for a block."""
         if self._closed:
             raise PoolClosed("the SMTP transport is shut down")
-        await self._slots.acquire()
+        await self._slots.get()
         lease = Lease(self._take_idle())
         try:
             yield lease
@@ -97,7 +101,7 @@ class ConnectionPool:
             try:
                 await self._give_back(lease)
             finally:
-                self._slots.release()
+                self._slots.put_nowait(None)
 
     def _take_idle(self) -> Connection | None:
         now = time.monotonic()
