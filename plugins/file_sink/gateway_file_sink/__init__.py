@@ -39,8 +39,9 @@ class FileSinkTransport(Transport):
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise PermanentDeliveryError(f"cannot create {self.directory}: {err.strerror}",
-                                         transport_level=True) from err
+            raise PermanentDeliveryError(
+                f"cannot create {self.directory}: {err.strerror}", transport_level=True
+            ) from err
 
     async def send(self, message: OutgoingMessage) -> Receipt:
         data = message.as_bytes()

@@ -80,20 +80,25 @@ class ConnectionPool:
         self._slots: asyncio.Queue[None] = asyncio.Queue()
         for _ in range(size):
             self._slots.put_nowait(None)
+        self._waiting = 0  # sends queued for a slot (a freed token waits for the first of them)
         self._idle: list[Connection] = []
         self._closed = False
 
     @property
     def saturated(self) -> bool:
         """Every slot is taken right now."""
-        return self._slots.empty()
+        return self._slots.empty() or self._waiting > 0
 
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[Lease]:
         """Hold one slot (waiting for it) and the best idle connection, if any, for a block."""
         if self._closed:
             raise PoolClosed("the SMTP transport is shut down")
-        await self._slots.get()
+        self._waiting += 1
+        try:
+            await self._slots.get()
+        finally:
+            self._waiting -= 1
         lease = Lease(self._take_idle())
         try:
             yield lease
