@@ -281,7 +281,7 @@ def _text_header(name: str, value: str) -> str:
     return folded
 
 
-def _fold_at_spaces(name: str, value: str, limit: int = 78) -> str | None:
+def _fold_at_spaces(name: str, value: str, limit: int = _MAX_LINE) -> str | None:
     """Fold before spaces (unfolding restores `value`); None when a word is too long for one line."""
     lines = [""]
     width = len(name) + 2

@@ -453,6 +453,8 @@ async def test_smtp_pool_sends_cancelled_while_waiting_for_a_slot_leave_every_sl
         await asyncio.sleep(0)
         for task in waiting[::2]:
             task.cancel()
+    # Both slots are free again, but queued sends have not taken them yet: still saturated.
+    assert pool.saturated
     await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
     assert served == [1, 3, 5]
     assert not pool.saturated
