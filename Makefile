@@ -24,9 +24,13 @@ test: $(STAMP)
 	if [ $$lint -ne 0 ]; then echo "make test: lint failed (ruff or mypy, see above)"; fi; \
 	[ $$tests -eq 0 ] && [ $$lint -eq 0 ]
 
+# Every check runs, so one report shows all of them; any failure fails the target.
 lint: $(STAMP)
-	$(BIN)/ruff check gateway plugins tests bench
-	$(BIN)/mypy
+	@status=0; \
+	$(BIN)/ruff check gateway plugins tests bench || status=1; \
+	$(BIN)/ruff format --check gateway plugins tests bench || status=1; \
+	$(BIN)/mypy || status=1; \
+	exit $$status
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

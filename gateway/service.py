@@ -86,9 +86,10 @@ class EscalationService:
                 created_at=created_at,
                 local_day=local.strftime("%Y%m%d"),
                 new_deliveries=messages,
-                # The bank's own team address is never capped, even when given as the customer's.
+                # The bank's own team address is never capped, even when given as the customer's
+                # (in any case: the cap counts addresses case-insensitively).
                 recipient_cap=None
-                if request["customer_email"] == self.settings.email.support_team
+                if request["customer_email"].lower() == self.settings.email.support_team.lower()
                 else self.settings.email.per_recipient_hourly_cap,
                 lease_owner=self.dispatcher.owner,
                 lease_until=self.dispatcher.lease_until(created_at),

@@ -150,6 +150,25 @@ async def test_recipient_cap_counts_customer_emails_in_the_last_hour(store: Stor
     await accept(store, "TKT-6", cap=3, at=T0 + timedelta(minutes=61))  # the first fell out of the hour
 
 
+async def test_recipient_cap_counts_an_address_whatever_the_case_of_its_letters(store: Store) -> None:
+    for i, spelling in enumerate(["jane.doe@example.com", "Jane.Doe@example.com", "JANE.DOE@example.com"]):
+        await accept(store, f"TKT-{i}", cap=3, customer=spelling, at=T0 + timedelta(minutes=i))
+    with pytest.raises(RecipientLimitError, match="limit 3"):
+        await accept(store, "TKT-4", cap=3, customer="jAnE.dOe@example.com", at=T0 + timedelta(minutes=10))
+
+
+async def test_the_recipient_cap_count_is_answered_from_its_index(tmp_path: Path) -> None:
+    store = await Store.open(f"sqlite:///{tmp_path / 'store.db'}")
+    await store.close()
+    with closing(sqlite3.connect(tmp_path / "store.db")) as db:
+        plan = db.execute(
+            "EXPLAIN QUERY PLAN SELECT count(*) FROM deliveries WHERE lower(deliveries.address) = ? "
+            "AND deliveries.role = 'customer' AND deliveries.created_at >= ?",
+            ("jane@example.com", "2025-01-01"),
+        ).fetchall()
+    assert any("ix_deliveries_recipient_folded" in row[-1] for row in plan), plan
+
+
 async def test_expired_lease_is_claimed_by_exactly_one_other_process(database_url: str) -> None:
     first = await Store.open(database_url)
     accepted = await accept(first, "TKT-1")
@@ -270,6 +289,70 @@ async def test_migrating_a_store_in_use_concurrently_keeps_its_data_and_one_sche
     assert loaded is not None and loaded.ticket_id == "TKT-BEFORE"
     assert sorted(d.id for d in loaded.deliveries) == sorted(d.id for d in accepted.record.deliveries)
     assert await schema_version_rows(database_url) == [(1, SCHEMA_VERSION)]
+
+
+async def test_a_version_1_store_is_upgraded_and_its_earlier_emails_count_whatever_their_case(
+    database_url: str,
+) -> None:
+    first = await Store.open(database_url)
+    try:
+        for i in range(2):
+            await accept(first, f"TKT-OLD-{i}", customer="Jane.Doe@example.com", at=T0 + timedelta(minutes=i))
+    finally:
+        await first.close()
+    # Back to version 1 as it was shipped: the index on the address as given, no folded one.
+    await run_sql(
+        database_url,
+        "DROP INDEX ix_deliveries_recipient_folded",
+        "CREATE INDEX ix_deliveries_recipient ON deliveries (address, created_at)",
+        "UPDATE schema_version SET version = 1",
+    )
+    upgraded = await Store.open(database_url)
+    try:
+        await accept(
+            upgraded, "TKT-NEW-1", cap=3, customer="jane.doe@example.com", at=T0 + timedelta(minutes=5)
+        )
+        with pytest.raises(RecipientLimitError, match="limit 3"):
+            await accept(
+                upgraded, "TKT-NEW-2", cap=3, customer="JANE.DOE@example.com", at=T0 + timedelta(minutes=6)
+            )
+        earlier = await accept(upgraded, "TKT-OLD-0", customer="Jane.Doe@example.com")
+    finally:
+        await upgraded.close()
+    assert earlier.replay and earlier.record.email_id == "EMAIL-UC2-20251107-001"
+    assert await schema_version_rows(database_url) == [(1, SCHEMA_VERSION)]
+    names = await index_names(database_url)
+    assert "ix_deliveries_recipient_folded" in names and "ix_deliveries_recipient" not in names
+
+
+async def run_sql(database_url: str, *statements: str) -> None:
+    """Statements run in one transaction past the store, with the database's own driver."""
+    url = make_url(database_url)
+    if url.drivername.startswith("sqlite"):
+        with closing(sqlite3.connect(str(url.database))) as db, db:
+            for statement in statements:
+                db.execute(statement)
+        return
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            for statement in statements:
+                await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def index_names(database_url: str) -> set[str]:
+    url = make_url(database_url)
+    if url.drivername.startswith("sqlite"):
+        with closing(sqlite3.connect(str(url.database))) as db:
+            rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
+            return {str(name) for (name,) in rows}
+    conn = await asyncpg.connect(database_url)
+    try:
+        return {str(row["indexname"]) for row in await conn.fetch("SELECT indexname FROM pg_indexes")}
+    finally:
+        await conn.close()
 
 
 async def schema_version_rows(database_url: str) -> list[tuple[int, int]]:

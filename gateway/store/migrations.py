@@ -10,14 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.engine import Connection
 
 from gateway.errors import ConfigError
-from gateway.store.schema import SCHEMA_VERSION, metadata, schema_version
+from gateway.store.schema import SCHEMA_VERSION, metadata, recipient_index, schema_version
+
+
+def _fold_recipient_index(conn: Connection) -> None:
+    """1 -> 2: the recipient cap's index on the lower-cased address replaces the one on it as given."""
+    conn.execute(text("DROP INDEX IF EXISTS ix_deliveries_recipient"))
+    recipient_index.create(conn, checkfirst=True)
+
 
 #: version -> step that upgrades a database at that version to version + 1
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _fold_recipient_index}
 
 
 def upgrade(conn: Connection) -> None:

@@ -425,7 +425,8 @@ class Store:
                     if earlier is not None:
                         return self._replay(earlier, payload_hash)
                     customer = next(d for d in new_deliveries if d.role == "customer")
-                    address = customer.message.recipients[0]
+                    # The cap counts an address in any case of its letters (ASCII, validated).
+                    address = customer.message.recipients[0].lower()
                     if recipient_cap is not None:
                         if self.dialect != "sqlite":  # SQLite's BEGIN IMMEDIATE admits one writer anyway
                             await self._lock_recipient(conn, address)
@@ -747,11 +748,12 @@ _FIND_TICKET = select(escalations).where(
 )
 _INSERT_ESCALATION = insert(escalations)
 _INSERT_DELIVERIES = insert(deliveries)
+#: customer emails to `address` (lower-cased) since `since`; uses `schema.recipient_index`
 _RECENT_TO_CUSTOMER = (
     select(func.count())
     .select_from(deliveries)
     .where(
-        deliveries.c.address == bindparam("address"),
+        func.lower(deliveries.c.address) == bindparam("address"),
         deliveries.c.role == "customer",
         deliveries.c.created_at >= bindparam("since"),
     )
