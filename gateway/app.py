@@ -37,7 +37,7 @@ class Gateway:
         self.settings = settings
         self.metrics = Metrics()
         self.renderer = Renderer(settings)
-        self.transports = build_transports(settings.transport_chain, settings.transports)
+        self.transports = build_transports(settings.transport_chain, settings.transports, settings.base_dir)
         self.metrics.prime(settings.use_cases, settings.transport_chain)
         logs.show_in_full(settings.email.sender, settings.email.support_team)
         self.rate_limits = {

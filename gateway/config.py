@@ -388,9 +388,13 @@ def load_settings(
                 "or pass --config PATH / set ESCALATION_CONFIG)"
             )
         raise ConfigError(message) from None
+    # Relative paths written in the config file are relative to that file, like templates; those
+    # from the environment or a flag are the caller's own (relative to the working directory).
     if "store.database_url" not in origin:
-        # A relative SQLite path written in the config file is relative to that file, like templates.
         settings.store.database_url = _anchored(settings.store.database_url, base_dir)
+    token_file = settings.server.auth_token_file
+    if token_file is not None and "server.auth_token_file" not in origin:
+        settings.server.auth_token_file = base_dir / token_file
     return settings
 
 

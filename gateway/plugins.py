@@ -7,6 +7,7 @@ name, or two with the same name, stop start-up.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,9 +100,19 @@ def template_context(use_case: str, role: str) -> dict[str, Any]:
     return merged
 
 
-def transport_settings(cls: type[Transport], block: dict[str, Any] | None) -> Any:
-    """Validate one `transports.<name>` block (environment first) with the class's model."""
+def transport_settings(
+    cls: type[Transport], block: dict[str, Any] | None, base_dir: Path | None = None
+) -> Any:
+    """Validate one `transports.<name>` block (environment first) with the class's model.
+
+    A relative path the block gives to a `Path` field is relative to `base_dir` (the config
+    file's directory), as templates and the SQLite file are; the environment's stay as given."""
     values = {k: v for k, v in (block or {}).items() if k not in CORE_TRANSPORT_KEYS}
+    if base_dir is not None:
+        for name, field in cls.settings_model.model_fields.items():
+            value = values.get(name)
+            if isinstance(value, str | Path) and str(value) and _holds_a_path(field.annotation):
+                values[name] = base_dir / value
     # A model that names no prefix reads <NAME>_<FIELD> (never a bare HOST or PORT).
     prefix = cls.settings_model.model_config.get("env_prefix") or f"{cls.name.upper()}_"
     try:
@@ -115,7 +126,13 @@ def transport_settings(cls: type[Transport], block: dict[str, Any] | None) -> An
         raise ConfigError("\n".join(lines)) from None
 
 
-def build_transports(chain: list[str], blocks: dict[str, dict[str, Any]]) -> dict[str, Transport]:
+def _holds_a_path(annotation: Any) -> bool:
+    return annotation is Path or Path in typing.get_args(annotation)
+
+
+def build_transports(
+    chain: list[str], blocks: dict[str, dict[str, Any]], base_dir: Path | None = None
+) -> dict[str, Transport]:
     """Instantiate the transports of the failover chain; validate every configured block."""
     classes = transport_classes()
     known = ", ".join(sorted(classes)) or "none installed"
@@ -126,5 +143,7 @@ def build_transports(chain: list[str], blocks: dict[str, dict[str, Any]]) -> dic
         raise ConfigError(f"EMAIL_TRANSPORT names a transport twice: {','.join(chain)}")
     for name, block in blocks.items():
         if name not in chain:
-            transport_settings(classes[name], block)  # validated even when not in use
-    return {name: classes[name](transport_settings(classes[name], blocks.get(name))) for name in chain}
+            transport_settings(classes[name], block, base_dir)  # validated even when not in use
+    return {
+        name: classes[name](transport_settings(classes[name], blocks.get(name), base_dir)) for name in chain
+    }

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.app import Gateway
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError
 from tests.support import ROOT, clean_env
@@ -124,6 +125,22 @@ def test_relative_sqlite_path_in_the_config_file_is_relative_to_that_file(
     assert from_file.store.database_url == f"sqlite:///{path.parent.resolve() / 'state' / 'escalations.db'}"
     from_env = load_settings(path, env=clean_env({"DATABASE_URL": "sqlite:///here.db"}))
     assert from_env.store.database_url == "sqlite:///here.db"  # the environment's is the caller's own
+
+
+def test_relative_token_file_and_sink_directory_in_the_config_file_are_relative_to_that_file(
+    config_factory: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = config_factory(
+        {"server": {"auth_token_file": "secrets/tokens"}, "transports": {"file": {"dir": "mail"}}}
+    )
+    monkeypatch.chdir(tmp_path)  # not the config file's directory
+    settings = load_settings(path, env=clean_env({"EMAIL_TRANSPORT": "file"}))
+    site = path.parent.resolve()
+    assert settings.server.auth_token_file == site / "secrets" / "tokens"
+    assert Gateway(settings).transports["file"].directory == site / "mail"
+    # FILE_SINK_DIR is the caller's own: relative to the working directory, as given.
+    monkeypatch.setenv("FILE_SINK_DIR", "elsewhere")
+    assert Gateway(settings).transports["file"].directory == Path("elsewhere")
 
 
 def test_no_config_file_and_no_use_cases_stops_with_a_hint(
