@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 from sqlalchemy.exc import SQLAlchemyError
@@ -29,7 +29,7 @@ config_option = click.option(
 )
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
@@ -233,7 +233,7 @@ def preview(config_path: Path | None, use_cases: tuple[str, ...], out_dir: Path)
 
 @main.group()
 def deliveries() -> None:
-    """List failed (or queued) deliveries and put failed ones back in the queue."""
+    """List failed (or queued) deliveries, put failed ones back in the queue, scrub old ones."""
 
 
 @deliveries.command("list")
@@ -270,6 +270,37 @@ def list_deliveries(config_path: Path | None, wanted: str, limit: int) -> None:
 
     for row in _run(go()):
         click.echo(json.dumps(row, ensure_ascii=False))
+
+
+@deliveries.command("scrub")
+@config_option
+@click.option(
+    "--older-than-days",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Finished deliveries older than this (default: store.retention_days).",
+)
+@handles_errors
+def scrub(config_path: Path | None, older_than_days: int | None) -> None:
+    """Empty the bodies and mask the customer's address of old finished deliveries (retention).
+
+    The tickets stay recorded, so a repeated sendemail call is still a replay, never a second email.
+    """
+    settings = _settings(config_path)
+    days = older_than_days or settings.store.retention_days
+    if days is None:
+        _fail("pass --older-than-days N or set store.retention_days in the config file")
+    if days * 24 <= settings.email.retry_horizon_hours:
+        horizon = settings.email.retry_horizon_hours
+        _fail(f"--older-than-days must be longer than email.retry_horizon_hours ({horizon:g} h)")
+    gateway = _gateway(settings)
+
+    async def go() -> int:
+        async with gateway.running(background=False):
+            scrubbed, _ = await gateway.dispatcher.scrub(days)
+            return scrubbed
+
+    click.echo(f"scrubbed {_run(go())} finished deliveries older than {days} days")
 
 
 @deliveries.command("requeue")

@@ -111,6 +111,8 @@ POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg")
 
 class StoreSettings(Section):
     database_url: str = "sqlite:///var/gateway.db"
+    #: finished deliveries older than this lose their bodies and the customer's address (None: kept)
+    retention_days: int | None = Field(None, ge=1)
 
     @field_validator("database_url")
     @classmethod
@@ -281,6 +283,16 @@ class Settings(Section):
             raise ValueError("configure at least one use case")
         return value
 
+    @model_validator(mode="after")
+    def _retention_outlasts_retries(self) -> Settings:
+        days = self.store.retention_days
+        if days is not None and days * 24 <= self.email.retry_horizon_hours:
+            raise ValueError(
+                f"store.retention_days ({days}) must be longer than email.retry_horizon_hours "
+                f"({self.email.retry_horizon_hours:g} h): deliveries still being retried are never scrubbed"
+            )
+        return self
+
     @property
     def transport_chain(self) -> list[str]:
         """The failover chain; `file` in dev and `acs` in prod unless EMAIL_TRANSPORT says."""
@@ -356,7 +368,8 @@ def describe_validation_error(err: ValidationError, origin: Mapping[str, str], s
         path = ".".join(str(part) for part in problem["loc"])
         where = next((f" (set by {var})" for key, var in origin.items() if path.startswith(key)), "")
         message = problem["msg"].removeprefix("Value error, ")
-        lines.append(f"  {path}{where}: {message}")
+        # A rule across sections has no single key; its message names the keys.
+        lines.append(f"  {path}{where}: {message}" if path else f"  {message}")
     return "\n".join(lines)
 
 

@@ -39,13 +39,17 @@ from gateway.errors import (
 )
 from gateway.logs import mask_address
 from gateway.metrics import Metrics
-from gateway.store import DeliveryRecord, Outcome, Store
+from gateway.store import SCRUB_BATCH, DeliveryRecord, Outcome, Store
 from gateway.transport import OutgoingMessage, Receipt, StatusUpdate, Transport
 
 log = logging.getLogger("gateway.dispatcher")
 
 #: how many times the background loop tries to record one outcome before leaving it to the lease
 RECORD_ATTEMPTS = 3
+#: how often the retention job looks for deliveries to scrub (store.retention_days)
+SCRUB_EVERY_SECONDS = 3600.0
+#: store transactions one retention round runs at most before the dispatcher goes on sending
+SCRUB_BATCHES_PER_ROUND = 10
 
 _UNITS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 
@@ -125,6 +129,7 @@ class Dispatcher:
         self._tasks: dict[asyncio.Task[None], DeliveryRecord] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._counted_at: float | None = None
+        self._scrub_after = 0.0  # monotonic time of the next retention round
         # Outcomes waiting for the next store write, and the task writing them (`_record_soon`).
         self._unrecorded: list[tuple[Outcome, asyncio.Future[None]]] = []
         self._recorder: asyncio.Task[None] | None = None
@@ -436,6 +441,7 @@ class Dispatcher:
             counts = await self.store.count_by_status()
             for status in ("queued", "sent", "delivered", "failed"):
                 self.metrics.deliveries.labels(status).set(counts.get(status, 0))
+        await self._scrub_old()
         free = self.settings.dispatcher.concurrency - len(self._tasks)
         if free <= 0 or self._stopping.is_set():
             return
@@ -450,6 +456,27 @@ class Dispatcher:
             task = asyncio.create_task(self._process(record))
             self._tasks[task] = record
             task.add_done_callback(self._tasks.pop)
+
+    async def _scrub_old(self) -> None:
+        """The retention job: hourly, or at once again while a backlog remains."""
+        days = self.settings.store.retention_days
+        if days is None or self._stopping.is_set() or time.monotonic() < self._scrub_after:
+            return
+        _, more = await self.scrub(days, SCRUB_BATCHES_PER_ROUND)
+        self._scrub_after = time.monotonic() + (0.0 if more else SCRUB_EVERY_SECONDS)
+
+    async def scrub(self, days: int, max_batches: int | None = None) -> tuple[int, bool]:
+        """Scrub finished deliveries older than `days`, one store transaction per batch; returns
+        how many, and whether more may remain after `max_batches`."""
+        now = now_utc()
+        scrubbed, batches, more = 0, 0, True
+        while more and (max_batches is None or batches < max_batches):
+            done = await self.store.scrub(now - timedelta(days=days), now)
+            scrubbed, batches, more = scrubbed + done, batches + 1, done == SCRUB_BATCH
+        if scrubbed:
+            self.metrics.scrubbed.inc(scrubbed)
+            log.info("retention: scrubbed %d finished deliveries older than %d days", scrubbed, days)
+        return scrubbed, more
 
     async def _process(self, record: DeliveryRecord) -> None:
         context = {

@@ -95,6 +95,12 @@ class Metrics:
             buckets=CONFIRM_BUCKETS,
             registry=r,
         )
+        self.scrubbed = Counter(
+            "escalation_deliveries_scrubbed",
+            "Finished deliveries whose bodies were emptied and customer address masked by the "
+            "retention job (store.retention_days)",
+            registry=r,
+        )
         self.deliveries = Gauge(
             "escalation_deliveries",
             "Deliveries in the store by status, recounted by the dispatcher every "

@@ -144,6 +144,7 @@ async def test_metrics_exposition_holds_no_customer_data_and_follows_naming_conv
         "escalation_render_duration_seconds",
         "escalation_delivery_confirmation_duration_seconds",
         "escalation_deliveries",
+        "escalation_deliveries_scrubbed",
     }
     for family in families:
         assert family.name.startswith("escalation_"), family.name

@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 from gateway.errors import RecipientLimitError, TicketConflictError
 from gateway.store import Accepted, NewDelivery, Outcome, Store
 from gateway.store.schema import SCHEMA_VERSION
-from gateway.transport import OutgoingMessage
+from gateway.transport import DeliveryStatus, OutgoingMessage
 
 pytestmark = pytest.mark.anyio
 
@@ -258,6 +258,60 @@ async def test_rate_slots_queue_beyond_the_window_limit(store: Store) -> None:
     assert await store.take_rate_slot("smtp", windows, T0) == 0.0  # budgets are per transport
 
 
+async def finish(
+    store: Store, accepted: Accepted, status: DeliveryStatus = "sent", error: str | None = None
+) -> None:
+    """Both deliveries of an escalation sent (or failed), as the dispatcher records them."""
+    outcomes = [
+        Outcome(delivery_id=d.id, status=status, transport="smtp", attempts_added=1, sent_at=T0, error=error)
+        for d in accepted.record.deliveries
+    ]
+    assert await store.record(outcomes, "owner-a") == []
+
+
+async def test_scrub_empties_old_finished_deliveries_and_masks_only_the_customer_address(
+    store: Store,
+) -> None:
+    old = await accept(store, "TKT-OLD", customer="Jane.Doe@example.com")
+    await finish(store, old, error="552 <Jane.Doe@example.com> mailbox full, then accepted")
+    pending = await accept(store, "TKT-PENDING")  # still queued and leased: never scrubbed
+    recent = await accept(store, "TKT-NEW", at=T0 + timedelta(days=10))
+    await finish(store, recent)
+    now = T0 + timedelta(days=10)
+
+    assert await store.scrub(now - timedelta(days=5), now) == 2
+    assert await store.scrub(now - timedelta(days=5), now) == 0  # nothing left to do
+
+    scrubbed = await store.load(old.record.email_id)
+    assert scrubbed is not None
+    customer, team = scrubbed.delivery("customer"), scrubbed.delivery("bank_team")
+    assert (customer.address, team.address) == ("J***@example.com", "support@bankx.com")
+    assert customer.last_error == "552 <J***@example.com> mailbox full, then accepted"
+    for delivery in (customer, team):
+        assert (delivery.text_body, delivery.html_body, delivery.scrubbed_at) == ("", "", now)
+        assert delivery.status == "sent" and delivery.subject == f"subject for {delivery.role}"
+    for untouched in (pending, recent):
+        loaded = await store.load(untouched.record.email_id)
+        assert loaded is not None
+        assert {(d.html_body, d.scrubbed_at) for d in loaded.deliveries} == {("<p>html</p>", None)}
+    # The ticket is still known: the same call again is a replay, not a second email.
+    again = await accept(store, "TKT-OLD", customer="Jane.Doe@example.com", at=now)
+    assert again.replay and again.record.email_id == old.record.email_id
+
+
+async def test_a_scrubbed_failed_delivery_is_never_requeued(store: Store) -> None:
+    old = await accept(store, "TKT-OLD")
+    await finish(store, old, status="failed", error="550 no such user")
+    recent = await accept(store, "TKT-NEW", at=T0 + timedelta(days=10))
+    await finish(store, recent, status="failed", error="550 no such user")
+    now = T0 + timedelta(days=10)
+    assert await store.scrub(now - timedelta(days=5), now) == 2
+    # Only the unscrubbed ones go back in the queue: the scrubbed ones have no body left to send.
+    assert await store.requeue(None, now, timedelta(hours=24)) == 2
+    loaded = await store.load(old.record.email_id)
+    assert loaded is not None and {d.status for d in loaded.deliveries} == {"failed"}
+
+
 async def test_rate_slots_are_shared_between_processes(database_url: str) -> None:
     stores = [await Store.open(database_url) for _ in range(3)]
     try:
@@ -291,8 +345,21 @@ async def test_migrating_a_store_in_use_concurrently_keeps_its_data_and_one_sche
     assert await schema_version_rows(database_url) == [(1, SCHEMA_VERSION)]
 
 
-async def test_a_version_1_store_is_upgraded_and_its_earlier_emails_count_whatever_their_case(
-    database_url: str,
+#: what each earlier schema version lacked, undone from the current schema by these statements
+EARLIER_SCHEMAS = {
+    2: ["DROP INDEX ix_deliveries_unscrubbed", "ALTER TABLE deliveries DROP COLUMN scrubbed_at"],
+    1: [
+        "DROP INDEX ix_deliveries_recipient_folded",
+        "CREATE INDEX ix_deliveries_recipient ON deliveries (address, created_at)",
+        "DROP INDEX ix_deliveries_unscrubbed",
+        "ALTER TABLE deliveries DROP COLUMN scrubbed_at",
+    ],
+}
+
+
+@pytest.mark.parametrize("version", sorted(EARLIER_SCHEMAS))
+async def test_an_earlier_store_is_upgraded_keeping_its_data_and_its_emails_count_whatever_their_case(
+    database_url: str, version: int
 ) -> None:
     first = await Store.open(database_url)
     try:
@@ -300,13 +367,8 @@ async def test_a_version_1_store_is_upgraded_and_its_earlier_emails_count_whatev
             await accept(first, f"TKT-OLD-{i}", customer="Jane.Doe@example.com", at=T0 + timedelta(minutes=i))
     finally:
         await first.close()
-    # Back to version 1 as it was shipped: the index on the address as given, no folded one.
-    await run_sql(
-        database_url,
-        "DROP INDEX ix_deliveries_recipient_folded",
-        "CREATE INDEX ix_deliveries_recipient ON deliveries (address, created_at)",
-        "UPDATE schema_version SET version = 1",
-    )
+    # Back to that version as it was shipped.
+    await run_sql(database_url, *EARLIER_SCHEMAS[version], f"UPDATE schema_version SET version = {version}")
     upgraded = await Store.open(database_url)
     try:
         await accept(
@@ -323,6 +385,18 @@ async def test_a_version_1_store_is_upgraded_and_its_earlier_emails_count_whatev
     assert await schema_version_rows(database_url) == [(1, SCHEMA_VERSION)]
     names = await index_names(database_url)
     assert "ix_deliveries_recipient_folded" in names and "ix_deliveries_recipient" not in names
+    assert "ix_deliveries_unscrubbed" in names
+    # The new column works on the upgraded store: the old emails (both finished here) are scrubbed.
+    reopened = await Store.open(database_url)
+    try:
+        for delivery in earlier.record.deliveries:
+            await reopened.record(
+                [Outcome(delivery_id=delivery.id, status="sent", transport="smtp", attempts_added=1)],
+                "owner-a",
+            )
+        assert await reopened.scrub(T0 + timedelta(minutes=1), T0 + timedelta(days=3)) == 2
+    finally:
+        await reopened.close()
 
 
 async def run_sql(database_url: str, *statements: str) -> None:

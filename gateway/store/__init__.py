@@ -1,6 +1,7 @@
 """The gateway's durable state; see `store.py`."""
 
 from gateway.store.store import (
+    SCRUB_BATCH,
     Accepted,
     DeliveryRecord,
     EscalationRecord,
@@ -9,4 +10,12 @@ from gateway.store.store import (
     Store,
 )
 
-__all__ = ["Accepted", "DeliveryRecord", "EscalationRecord", "NewDelivery", "Outcome", "Store"]
+__all__ = [
+    "SCRUB_BATCH",
+    "Accepted",
+    "DeliveryRecord",
+    "EscalationRecord",
+    "NewDelivery",
+    "Outcome",
+    "Store",
+]

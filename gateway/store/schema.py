@@ -22,7 +22,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
 #: Bump when the schema changes and add the step to `gateway.store.migrations.MIGRATIONS`.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -97,7 +97,11 @@ deliveries = Table(
     Column("text_body", Text, nullable=False),
     Column("html_body", Text, nullable=False),
     Column("headers", Text, nullable=False),
+    #: when the retention job emptied the bodies and masked the customer's address (version 3)
+    Column("scrubbed_at", UTCDateTime),
     Index("ix_deliveries_due", "status", "next_attempt_at"),
+    #: the retention job's look-up: not yet scrubbed, oldest first (version 3)
+    Index("ix_deliveries_unscrubbed", "scrubbed_at", "created_at"),
 )
 
 #: The recipient cap counts an address whatever the case of its letters (version 2; version 1

@@ -44,6 +44,7 @@ from sqlalchemy.sql.dml import Update
 
 from gateway.config import POSTGRES_SCHEMES, SQLITE_SCHEMES
 from gateway.errors import ConfigError, RecipientLimitError, TicketConflictError
+from gateway.logs import mask_address, redact
 from gateway.store import schema
 from gateway.store.schema import counters, deliveries, escalations, rate_events, rate_limiters
 from gateway.transport import DeliveryStatus, OutgoingMessage
@@ -54,6 +55,8 @@ _DELIVERY_COLUMNS = [c for c in deliveries.c]
 _RECIPIENT_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:address, 0))")
 #: PostgreSQL advisory lock key held while the schema is created or upgraded (one replica at a time)
 MIGRATION_LOCK = 724106
+#: deliveries one retention transaction scrubs at most (a short write lock on SQLite)
+SCRUB_BATCH = 500
 
 
 @dataclass
@@ -81,6 +84,8 @@ class DeliveryRecord:
     text_body: str
     html_body: str
     headers: dict[str, str]
+    #: set once the retention job emptied the bodies and masked the customer's address
+    scrubbed_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> DeliveryRecord:
@@ -663,8 +668,10 @@ class Store:
 
     @_on_sqlite_thread
     async def requeue(self, ids: Sequence[str] | None, now: datetime, horizon: timedelta) -> int:
-        """Put failed deliveries back in the queue (all failed ones when `ids` is None)."""
-        where = deliveries.c.status == "failed"
+        """Put failed deliveries back in the queue (all failed ones when `ids` is None).
+
+        A scrubbed delivery (retention) has no body left to send and stays as it is."""
+        where = and_(deliveries.c.status == "failed", deliveries.c.scrubbed_at.is_(None))
         if ids is not None:
             where = and_(where, deliveries.c.id.in_(list(ids)))
         async with self._writing() as conn:
@@ -681,6 +688,46 @@ class Store:
                 )
             )
             return int(result.rowcount or 0)
+
+    # -- retention -------------------------------------------------------------------------------
+
+    @_on_sqlite_thread
+    async def scrub(self, older_than: datetime, now: datetime, limit: int = SCRUB_BATCH) -> int:
+        """Empty the bodies and mask the customer's address of up to `limit` finished deliveries
+        created before `older_than`; returns how many. The escalation itself (ticket, customer id,
+        payload hash) stays, so a repeated call is still a replay and never a second email."""
+        async with self._writing() as conn:
+            rows = (
+                await conn.execute(
+                    select(deliveries.c.id, deliveries.c.role, deliveries.c.address, deliveries.c.last_error)
+                    .where(
+                        deliveries.c.scrubbed_at.is_(None),
+                        deliveries.c.created_at < older_than,
+                        deliveries.c.lease_owner.is_(None),
+                        or_(
+                            deliveries.c.status.in_(("delivered", "failed")),
+                            and_(deliveries.c.status == "sent", deliveries.c.next_attempt_at.is_(None)),
+                        ),
+                    )
+                    .order_by(deliveries.c.created_at)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)  # replicas scrubbing at once share the work
+                )
+            ).all()
+            if rows:
+                await conn.execute(
+                    _SCRUB,
+                    [
+                        {
+                            "b_id": row.id,
+                            "b_address": mask_address(row.address) if row.role == "customer" else row.address,
+                            "b_error": None if row.last_error is None else redact(row.last_error),
+                            "b_now": now,
+                        }
+                        for row in rows
+                    ],
+                )
+            return len(rows)
 
     # -- transport rate limits -------------------------------------------------------------------
 
@@ -748,6 +795,17 @@ _FIND_TICKET = select(escalations).where(
 )
 _INSERT_ESCALATION = insert(escalations)
 _INSERT_DELIVERIES = insert(deliveries)
+_SCRUB = (
+    update(deliveries)
+    .where(deliveries.c.id == bindparam("b_id"))
+    .values(
+        address=bindparam("b_address"),
+        text_body="",
+        html_body="",
+        last_error=bindparam("b_error"),
+        scrubbed_at=bindparam("b_now", type_=deliveries.c.scrubbed_at.type),
+    )
+)
 #: customer emails to `address` (lower-cased) since `since`; uses `schema.recipient_index`
 _RECENT_TO_CUSTOMER = (
     select(func.count())
@@ -801,6 +859,7 @@ class _RowLike:
 
 
 __all__ = [
+    "SCRUB_BATCH",
     "Accepted",
     "DeliveryRecord",
     "EscalationRecord",
