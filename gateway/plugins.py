@@ -7,6 +7,7 @@ name, or two with the same name, stop start-up.
 
 from __future__ import annotations
 
+import os
 import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -122,7 +123,9 @@ def transport_settings(
         for problem in err.errors():
             path = ".".join(str(p) for p in problem["loc"])
             message = problem["msg"].removeprefix("Value error, ")
-            lines.append(f"  transports.{cls.name}.{path}: {message}")
+            variable = f"{prefix}{path}".upper()
+            where = f" (set by {variable})" if variable in {k.upper() for k in os.environ} else ""
+            lines.append(f"  transports.{cls.name}.{path}{where}: {message}")
         raise ConfigError("\n".join(lines)) from None
 
 

@@ -192,10 +192,12 @@ class Renderer:
             "customer_id": request["customer_id"],
             "use_case": use_case,
         }
+        stamp = created_at.strftime("%Y-%m-%d %H:%M %Z")
         context = {
             **email.static,
             **request,
-            "created_at": created_at.strftime("%Y-%m-%d %H:%M %Z"),
+            "created_at": stamp,
+            "timestamp": stamp,  # the spec's name for it
             "tracking_url": fill_url(self.settings.links.tracking_url, link_values),
             "dashboard_url": fill_url(self.settings.links.dashboard_url, link_values),
         }
@@ -211,7 +213,7 @@ class Renderer:
 
 
 #: variables the renderer adds per request, beside the request's own fields
-PER_REQUEST_NAMES = ("created_at", "tracking_url", "dashboard_url", "subject")
+PER_REQUEST_NAMES = ("created_at", "timestamp", "tracking_url", "dashboard_url", "subject")
 #: what a template may read as a constant
 _LITERALS = (str, int, float, bool)
 

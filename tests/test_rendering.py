@@ -14,7 +14,7 @@ import pytest
 from gateway.config import Settings
 from gateway.errors import StartupError
 from gateway.renderer import Renderer
-from tests.support import SPEC
+from tests.support import SAMPLE_CALL, SPEC
 
 GOLDEN = Path(__file__).parent / "golden"
 WHEN = datetime(2025, 11, 7, 14, 30, tzinfo=ZoneInfo("Asia/Bangkok"))
@@ -160,6 +160,15 @@ def test_missing_template_variable_stops_startup_naming_template_and_variable(
         Renderer(settings)
     assert "templates/customer/body.txt.j2" in str(caught.value)
     assert "agent_name" in str(caught.value)
+
+
+def test_the_specs_timestamp_variable_is_the_creation_time(settings_factory: Callable[..., Settings]) -> None:
+    settings = settings_factory()
+    body = settings.base_dir / "templates" / "customer" / "body.txt.j2"
+    body.write_text(body.read_text() + "\nCreated {{ timestamp }} ({{ created_at }})\n")
+    created = datetime(2025, 11, 7, 14, 30, tzinfo=settings.zone)
+    email = Renderer(settings).render("UC2", "customer", SAMPLE_CALL, created)
+    assert "Created 2025-11-07 14:30 +07 (2025-11-07 14:30 +07)" in email.text
 
 
 def test_variable_in_an_untaken_branch_is_still_checked(settings_factory: Callable[..., Settings]) -> None:

@@ -136,6 +136,16 @@ def test_smtp_settings_refuse_an_unknown_security_mode_naming_the_choices() -> N
         transport_settings(SMTPTransport, {"security": "ssl3"})
 
 
+def test_a_bad_smtp_variable_is_named_in_the_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMTP_PORT", "abc")
+    with pytest.raises(ConfigError, match=r"transports\.smtp\.port \(set by SMTP_PORT\): .*integer"):
+        transport_settings(SMTPTransport, {"port": 2525})
+    monkeypatch.delenv("SMTP_PORT")
+    with pytest.raises(ConfigError) as caught:  # from the config file: no variable to name
+        transport_settings(SMTPTransport, {"port": "abc"})
+    assert "transports.smtp.port: " in str(caught.value) and "set by" not in str(caught.value)
+
+
 def test_smtp_settings_refuse_a_password_without_a_username() -> None:
     with pytest.raises(ConfigError, match="username") as caught:
         transport_settings(SMTPTransport, {"password": "hunter2"})
