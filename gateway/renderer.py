@@ -173,8 +173,9 @@ class Renderer:
                 missing = sorted(declared - names - set(part.env.globals))
                 if missing:
                     raise StartupError(
-                        f"template {part.template.name} ({use_case} {role} {kind}) uses undefined "
-                        f"variable(s): {', '.join(missing)}"
+                        f"missing template variable(s) {', '.join(missing)}: template "
+                        f"{part.template.name} ({use_case} {role} {kind}) uses them but no use case "
+                        "setting, wording key or request field provides them"
                     )
             started = time.perf_counter()
             self.render(use_case, role, SAMPLE_REQUEST, datetime.now(self.settings.zone))
@@ -208,7 +209,9 @@ class Renderer:
             html = email.html.template.render(context)
         except jinja2.UndefinedError as err:
             name = f"{use_case} {role}"
-            raise StartupError(f"template for {name}: {err.message}") from None
+            raise StartupError(
+                f"missing template variable in the template for {name}: {err.message}"
+            ) from None
         return RenderedEmail(subject=subject, text=text, html=html)
 
 

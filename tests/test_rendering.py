@@ -159,7 +159,7 @@ def test_missing_template_variable_stops_startup_naming_template_and_variable(
     with pytest.raises(StartupError) as caught:
         Renderer(settings)
     assert "templates/customer/body.txt.j2" in str(caught.value)
-    assert "agent_name" in str(caught.value)
+    assert "missing template variable(s) agent_name" in str(caught.value)  # the spec's words
 
 
 def test_the_specs_timestamp_variable_is_the_creation_time(settings_factory: Callable[..., Settings]) -> None:
