@@ -127,6 +127,10 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._tasks: dict[asyncio.Task[None], DeliveryRecord] = {}
+        # Sends inside sendemail calls, and deliveries whose send such a call cut off before an
+        # outcome (cancelled, shutdown): their leases go back at the next round (`_give_back`).
+        self._inline: dict[asyncio.Task[Outcome], DeliveryRecord] = {}
+        self._cut_off: set[str] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._counted_at: float | None = None
         self._scrub_after = 0.0  # monotonic time of the next retention round
@@ -145,13 +149,24 @@ class Dispatcher:
         """Send freshly recorded (and leased) deliveries concurrently; record and return them."""
 
         async def send_and_record(record: DeliveryRecord) -> Outcome:
-            outcome = await self._deliver(record, inline=True, context=context)
+            try:
+                outcome = await self._deliver(record, inline=True, context=context)
+            except BaseException:
+                # No outcome, so nothing will release the lease: give it back now, and the
+                # background dispatcher takes the delivery over without waiting for it to expire.
+                self._cut_off.add(record.id)
+                self._wake.set()
+                raise
             # Record each outcome the moment it is known, not when its sibling is done retrying:
             # a crash in between would make another replica send the accepted message again.
             await self._record_soon(outcome)
             return outcome
 
-        outcomes = await asyncio.gather(*(send_and_record(r) for r in records))
+        tasks = [asyncio.create_task(send_and_record(r)) for r in records]
+        for task, record in zip(tasks, records, strict=True):
+            self._inline[task] = record
+            task.add_done_callback(self._inline.pop)
+        outcomes = await asyncio.gather(*tasks)
         if any(o.status == "queued" for o in outcomes):
             self._wake.set()
         return [_apply(r, o) for r, o in zip(records, outcomes, strict=True)]
@@ -433,7 +448,14 @@ class Dispatcher:
                 await asyncio.wait_for(self._wake.wait(), timeout=interval)
             self._wake.clear()
 
+    async def _give_back(self) -> None:
+        """Release the leases of deliveries whose inline send was cut off (see `send_now`)."""
+        if self._cut_off:
+            ids, self._cut_off = self._cut_off, set()
+            await self.store.release(ids, self.owner)
+
     async def _tick(self) -> None:
+        await self._give_back()
         refresh = self.settings.dispatcher.gauge_refresh_seconds
         if self._counted_at is None or time.monotonic() - self._counted_at >= refresh:
             # A count over the whole table: worth doing now and then, not every round.
@@ -554,15 +576,19 @@ class Dispatcher:
         self._wake.set()
         if self._loop_task is not None:
             await self._loop_task
-        if self._tasks:
-            _, pending = await asyncio.wait(list(self._tasks), timeout=grace)
+        running: dict[asyncio.Task[Any], DeliveryRecord] = {**self._tasks, **self._inline}
+        if running:
+            _, pending = await asyncio.wait(list(running), timeout=grace)
             if pending:
-                unfinished = [self._tasks[task].id for task in pending]
+                unfinished = [running[task].id for task in pending]
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
                 await self.store.release(unfinished, self.owner)
                 log.warning("%d deliveries were still being sent at shutdown; left pending", len(pending))
+        await self._give_back()
+        if self._recorder is not None:  # outcomes already known are written before the store closes
+            await asyncio.gather(self._recorder, return_exceptions=True)
 
 
 def _apply(record: DeliveryRecord, outcome: Outcome) -> DeliveryRecord:

@@ -425,16 +425,44 @@ async def test_sigterm_leaves_what_could_not_finish_pending_and_the_next_start_s
     assert "timeout graceful shutdown exceeded" in server.logs()  # the grace period cut it, not a deadline
     rows = await recorded_deliveries(site)
     assert len(rows) == 2 and all(d.status == "queued" for d in rows)  # not lost: pending
+    # ...and given back: the next start need not wait for the stopped process's leases to expire.
+    assert await asyncio.to_thread(leased_in_flight, site) == 0
     assert sink.messages == []
 
     sink.stall(None)
     with gateway(site, sink):
-        # The stopped process still leased them (until its deadline passed): then they go.
         received = await asyncio.to_thread(sink.wait_for, 2, 60)
         rows = await settled(site, 2)
     assert sorted(m.message_id for m in received) == sorted(d.message_id for d in rows)
     assert all(d.status == "sent" for d in rows)
     assert Counter(sink.message_ids()) == Counter({d.message_id: 1 for d in rows})
+
+
+async def test_a_call_cancelled_mid_send_gives_its_leases_back_and_the_dispatcher_sends_at_once(
+    running_gateway: Callable[..., Any], sink: SMTPSink
+) -> None:
+    # Leases of 60 s (the email deadline plus the margin): far longer than this test waits.
+    patch = deep_merge(
+        QUICK,
+        {
+            "email": {"timeout_seconds": 30},
+            "dispatcher": {"lease_margin_seconds": 30},
+            "transports": {"smtp": sink.settings()},
+        },
+    )
+    sink.stall("data")
+    async with running_gateway(patch, env={"EMAIL_TRANSPORT": "smtp"}) as server:
+        site = server.settings.base_dir / "config.yaml"
+        call = asyncio.create_task(server.service.sendemail(**call_for(1)))
+        await until_in_flight(site, call)
+        call.cancel()  # the caller went away (an MCP cancellation) while both sends hang in DATA
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        sink.stall(None)
+        received = await asyncio.to_thread(sink.wait_for, 2, 20)
+        rows = await settled(site, 2, within=20)
+    assert all(d.status == "sent" for d in rows)
+    assert Counter(m.message_id for m in received) == Counter({d.message_id: 1 for d in rows})
 
 
 # -- what bounds the retrying ---------------------------------------------------------------------
