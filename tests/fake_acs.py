@@ -5,7 +5,8 @@ and azure/communication/email/_generated): `POST /emails:send` answers 202 with
 `Operation-Location`, `retry-after` and `{id, status}`; `GET /emails/operations/{id}`
 answers the operation's status. Every request must carry the HMAC-SHA256 signature
 that azure-communication-email's `HMACCredentialsPolicy` computes
-(x-ms-date;host;x-ms-content-sha256), or it gets 401. A repeated Operation-Id with
+(x-ms-date;host;x-ms-content-sha256), or the bearer token set in `bearer_token`
+(managed identity), or it gets 401. A repeated Operation-Id with
 the same message is the same operation (no second email); with a different message
 it is a 400, as Azure's long-running-operation guidelines say.
 
@@ -143,6 +144,8 @@ class FakeAcs:
         self.directory = directory
         self.ca = ca or trustme.CA()
         self.access_key = access_key or base64.b64encode(os.urandom(64)).decode()
+        #: the Microsoft Entra token accepted as `Authorization: Bearer ...` (managed identity)
+        self.bearer_token: str | None = None
         self.plan = OperationPlan()
         self._lock = threading.Lock()
         self._send_script: deque[Answer] = deque()
@@ -345,8 +348,13 @@ class FakeAcs:
         return None
 
     def _authenticate(self, request: Request, body: bytes) -> Response | None:
-        """HMAC-SHA256 over VERB, path and query, and the signed headers' values, as the SDK signs."""
+        """HMAC-SHA256 over VERB, path and query, and the signed headers' values, as the SDK signs
+        with an access key; or, with managed identity, the bearer token set in `bearer_token`."""
         denied = _error(401, "Denied", "Denied by the resource provider.")
+        scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            accepted = self.bearer_token is not None and hmac.compare_digest(credential, self.bearer_token)
+            return None if accepted else denied
         date, digest = request.headers.get("x-ms-date"), request.headers.get("x-ms-content-sha256")
         match = _AUTHORIZATION.fullmatch(request.headers.get("authorization", ""))
         if not date or not digest or match is None:

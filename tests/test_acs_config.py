@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -142,14 +141,6 @@ def test_settings_never_show_the_connection_string() -> None:
 def test_connection_string_and_endpoint_together_are_ambiguous() -> None:
     with pytest.raises(ConfigError, match="not both"):
         AcsTransport(AcsSettings(connection_string=GOOD, endpoint="https://bankx.communication.azure.com"))
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("azure.identity") is not None, reason="azure-identity is installed here"
-)
-def test_managed_identity_without_the_identity_extra_is_a_clear_error() -> None:
-    with pytest.raises(ConfigError, match=r"escalation-comms\[identity\]"):
-        AcsTransport(AcsSettings(endpoint="https://bankx.communication.azure.com/"))
 
 
 def test_managed_identity_endpoint_must_be_https() -> None:
