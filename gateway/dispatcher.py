@@ -444,6 +444,7 @@ class Dispatcher:
                 await self._tick()
             except Exception:
                 log.exception("dispatcher round failed; trying again in %.1fs", interval)
+            await self._scrub_old()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=interval)
             self._wake.clear()
@@ -463,7 +464,6 @@ class Dispatcher:
             counts = await self.store.count_by_status()
             for status in ("queued", "sent", "delivered", "failed"):
                 self.metrics.deliveries.labels(status).set(counts.get(status, 0))
-        await self._scrub_old()
         free = self.settings.dispatcher.concurrency - len(self._tasks)
         if free <= 0 or self._stopping.is_set():
             return
@@ -480,12 +480,19 @@ class Dispatcher:
             task.add_done_callback(self._tasks.pop)
 
     async def _scrub_old(self) -> None:
-        """The retention job: hourly, or at once again while a backlog remains."""
+        """The retention job, after a round's sending: hourly, or at the next round again while a
+        backlog remains. Its failure is logged and never stops the sending."""
         days = self.settings.store.retention_days
         if days is None or self._stopping.is_set() or time.monotonic() < self._scrub_after:
             return
-        _, more = await self.scrub(days, SCRUB_BATCHES_PER_ROUND)
-        self._scrub_after = time.monotonic() + (0.0 if more else SCRUB_EVERY_SECONDS)
+        self._scrub_after = time.monotonic() + SCRUB_EVERY_SECONDS
+        try:
+            _, more = await self.scrub(days, SCRUB_BATCHES_PER_ROUND)
+        except Exception:
+            log.exception("retention round failed; trying again in %.0f s", SCRUB_EVERY_SECONDS)
+            return
+        if more:
+            self._scrub_after = time.monotonic()
 
     async def scrub(self, days: int, max_batches: int | None = None) -> tuple[int, bool]:
         """Scrub finished deliveries older than `days`, one store transaction per batch; returns
@@ -580,15 +587,17 @@ class Dispatcher:
         if running:
             _, pending = await asyncio.wait(list(running), timeout=grace)
             if pending:
-                unfinished = [running[task].id for task in pending]
+                background = [running[task].id for task in pending if task in self._tasks]
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
-                await self.store.release(unfinished, self.owner)
+                await self.store.release(background, self.owner)
                 log.warning("%d deliveries were still being sent at shutdown; left pending", len(pending))
-        await self._give_back()
-        if self._recorder is not None:  # outcomes already known are written before the store closes
+        # Outcomes already known (a call may have been cut off while its outcome waited for the
+        # store) are written first; only then go back the leases of sends that had no outcome.
+        if self._recorder is not None:
             await asyncio.gather(self._recorder, return_exceptions=True)
+        await self._give_back()
 
 
 def _apply(record: DeliveryRecord, outcome: Outcome) -> DeliveryRecord:

@@ -8,6 +8,7 @@ name, or two with the same name, stop start-up.
 from __future__ import annotations
 
 import os
+import types
 import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -130,7 +131,14 @@ def transport_settings(
 
 
 def _holds_a_path(annotation: Any) -> bool:
-    return annotation is Path or Path in typing.get_args(annotation)
+    """`Path`, or a union or `Annotated` of it (pydantic's `FilePath | None`)."""
+    if annotation is Path:
+        return True
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _holds_a_path(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_holds_a_path(member) for member in typing.get_args(annotation))
+    return False
 
 
 def build_transports(

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import closing
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,12 @@ import trustme
 from mcp import Client
 from mcp_types import CallToolResult
 
+from gateway.dispatcher import now_utc
 from gateway.store import DeliveryRecord, Store
 from tests.fake_acs import Answer, FakeAcs
 from tests.smtp_sink import SMTPSink
 from tests.support import SAMPLE_CALL, GatewayProcess, deep_merge
+from tests.test_store import accept as store_accept
 
 pytestmark = pytest.mark.anyio
 
@@ -463,6 +466,66 @@ async def test_a_call_cancelled_mid_send_gives_its_leases_back_and_the_dispatche
         rows = await settled(site, 2, within=20)
     assert all(d.status == "sent" for d in rows)
     assert Counter(m.message_id for m in received) == Counter({d.message_id: 1 for d in rows})
+
+
+async def test_an_outcome_still_waiting_for_the_store_at_shutdown_is_written_not_given_back(
+    running_gateway: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_gateway({"server": {"shutdown_grace_seconds": 0}}) as server:
+        store, outbox = server.store, server.transports["file"].directory
+        record = store.record
+
+        async def slow_record(outcomes: Any, owner: str) -> list[str]:
+            await asyncio.sleep(0.5)  # a busy database: the outcome waits while shutdown begins
+            return await record(outcomes, owner)
+
+        monkeypatch.setattr(store, "record", slow_record)
+        call = asyncio.create_task(server.service.sendemail(**call_for(1)))
+        await eventually(
+            lambda: asyncio.to_thread(lambda: len(list(outbox.glob("*.eml"))) == 2), "both emails"
+        )
+    # The stop cut the call off while both outcomes waited to be written: they are written all the
+    # same, and the leases are not handed back as if nothing had been sent (which sends them again).
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    reopened = await Store.open(server.settings.store.database_url)
+    try:
+        sent, queued = await reopened.list_deliveries("sent"), await reopened.list_deliveries("queued")
+    finally:
+        await reopened.close()
+    assert (len(sent), queued) == (2, [])
+
+
+async def test_a_failing_retention_round_never_stops_the_sending(
+    running_gateway: Callable[..., Any],
+    settings_factory: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    patch = {"store": {"retention_days": 30}}
+    # An escalation a dead process accepted ten minutes ago: its lease is long over, so only the
+    # background dispatcher can send it.
+    earlier = await Store.open(settings_factory(patch).store.database_url)
+    try:
+        accepted = await store_accept(
+            earlier, "TKT-ORPHAN", owner="dead", at=now_utc() - timedelta(minutes=10)
+        )
+    finally:
+        await earlier.close()
+    async with running_gateway(patch, background=False) as server:
+
+        async def failing_scrub(*args: Any, **kwargs: Any) -> int:
+            raise RuntimeError("the retention query failed")
+
+        monkeypatch.setattr(server.store, "scrub", failing_scrub)
+        server.dispatcher.start()
+
+        async def sent() -> bool:
+            record = await server.store.load(accepted.record.email_id)
+            return record is not None and {d.status for d in record.deliveries} == {"sent"}
+
+        await eventually(sent, "the orphaned escalation to be sent by the background dispatcher")
+    assert "retention round failed" in caplog.text
 
 
 # -- what bounds the retrying ---------------------------------------------------------------------

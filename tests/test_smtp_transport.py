@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from gateway_smtp import SMTPSettings, SMTPTransport
 
 from gateway.errors import ConfigError, PermanentDeliveryError, TransientDeliveryError
@@ -144,6 +145,15 @@ def test_a_bad_smtp_variable_is_named_in_the_error(monkeypatch: pytest.MonkeyPat
     with pytest.raises(ConfigError) as caught:  # from the config file: no variable to name
         transport_settings(SMTPTransport, {"port": "abc"})
     assert "transports.smtp.port: " in str(caught.value) and "set by" not in str(caught.value)
+
+
+def test_a_relative_ca_bundle_in_the_config_file_is_relative_to_that_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.chdir(tmp_path.parent)  # not the config file's directory
+    settings = transport_settings(SMTPTransport, {"security": "tls", "ca_bundle": "ca.pem"}, tmp_path)
+    assert settings.ca_bundle == tmp_path / "ca.pem"
 
 
 def test_smtp_settings_refuse_a_password_without_a_username() -> None:

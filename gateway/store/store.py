@@ -709,7 +709,8 @@ class Store:
                             and_(deliveries.c.status == "sent", deliveries.c.next_attempt_at.is_(None)),
                         ),
                     )
-                    .order_by(deliveries.c.created_at)
+                    # scrubbed_at (NULL here) first: the order of ix_deliveries_unscrubbed, no sort
+                    .order_by(deliveries.c.scrubbed_at, deliveries.c.created_at)
                     .limit(limit)
                     .with_for_update(skip_locked=True)  # replicas scrubbing at once share the work
                 )
