@@ -10,12 +10,4 @@ from gateway.store.store import (
     Store,
 )
 
-__all__ = [
-    "SCRUB_BATCH",
-    "Accepted",
-    "DeliveryRecord",
-    "EscalationRecord",
-    "NewDelivery",
-    "Outcome",
-    "Store",
-]
+__all__ = ["SCRUB_BATCH", "Accepted", "DeliveryRecord", "EscalationRecord", "NewDelivery", "Outcome", "Store"]
