@@ -9,14 +9,18 @@ from collections.abc import AsyncIterator
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.engine import make_url
 
 from gateway.errors import RecipientLimitError, TicketConflictError
 from gateway.store import Accepted, NewDelivery, Outcome, Store
 from gateway.store.schema import SCHEMA_VERSION
+from gateway.store.store import _RECENT_TO_CUSTOMER, _TO_SCRUB
 from gateway.transport import DeliveryStatus, OutgoingMessage
 
 pytestmark = pytest.mark.anyio
@@ -157,16 +161,43 @@ async def test_recipient_cap_counts_an_address_whatever_the_case_of_its_letters(
         await accept(store, "TKT-4", cap=3, customer="jAnE.dOe@example.com", at=T0 + timedelta(minutes=10))
 
 
-async def test_the_recipient_cap_count_is_answered_from_its_index(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("statement", "index"),
+    [(_RECENT_TO_CUSTOMER, "ix_deliveries_recipient_folded"), (_TO_SCRUB, "ix_deliveries_unscrubbed")],
+    ids=["recipient cap", "retention"],
+)
+async def test_the_store_s_lookups_use_their_indexes_on_sqlite(
+    tmp_path: Path, statement: Any, index: str
+) -> None:
     store = await Store.open(f"sqlite:///{tmp_path / 'store.db'}")
     await store.close()
+    when = "2025-11-07 07:30:00.000000"
+    values = {"address": "jane@example.com", "since": when, "older_than": when, "limit": 500}
+    # The SQL the store sends, IN lists expanded, with its literal parameters and ours.
+    state = statement.compile(dialect=sqlite_dialect()).construct_expanded_state(values)
+    parameters = [state.parameters[name] for name in state.positiontup or []]
     with closing(sqlite3.connect(tmp_path / "store.db")) as db:
-        plan = db.execute(
-            "EXPLAIN QUERY PLAN SELECT count(*) FROM deliveries WHERE lower(deliveries.address) = ? "
-            "AND deliveries.role = 'customer' AND deliveries.created_at >= ?",
-            ("jane@example.com", "2025-01-01"),
-        ).fetchall()
-    assert any("ix_deliveries_recipient_folded" in row[-1] for row in plan), plan
+        plan = db.execute(f"EXPLAIN QUERY PLAN {state.statement}", parameters).fetchall()
+    details = [row[-1] for row in plan]
+    assert any(index in detail for detail in details), details
+    assert not any("TEMP B-TREE" in detail for detail in details), details  # no sort of the rows
+
+
+async def test_the_retention_lookup_follows_its_index_without_a_sort_on_postgresql(
+    fresh_postgres_url: str,
+) -> None:
+    store = await Store.open(fresh_postgres_url)
+    await store.close()
+    values = {"older_than": T0.replace(tzinfo=None), "limit": 500}
+    state = _TO_SCRUB.compile(dialect=asyncpg_dialect()).construct_expanded_state(values)
+    parameters = [state.parameters[name] for name in state.positiontup or []]
+    conn = await asyncpg.connect(fresh_postgres_url)
+    try:
+        await conn.execute("SET enable_seqscan = off")  # an empty table: ask what the index allows
+        plan = "\n".join(row[0] for row in await conn.fetch(f"EXPLAIN {state.statement}", *parameters))
+    finally:
+        await conn.close()
+    assert "ix_deliveries_unscrubbed" in plan and "Sort" not in plan, plan
 
 
 async def test_expired_lease_is_claimed_by_exactly_one_other_process(database_url: str) -> None:

@@ -697,24 +697,7 @@ class Store:
         created before `older_than`; returns how many. The escalation itself (ticket, customer id,
         payload hash) stays, so a repeated call is still a replay and never a second email."""
         async with self._writing() as conn:
-            rows = (
-                await conn.execute(
-                    select(deliveries.c.id, deliveries.c.role, deliveries.c.address, deliveries.c.last_error)
-                    .where(
-                        deliveries.c.scrubbed_at.is_(None),
-                        deliveries.c.created_at < older_than,
-                        deliveries.c.lease_owner.is_(None),
-                        or_(
-                            deliveries.c.status.in_(("delivered", "failed")),
-                            and_(deliveries.c.status == "sent", deliveries.c.next_attempt_at.is_(None)),
-                        ),
-                    )
-                    # scrubbed_at (NULL here) first: the order of ix_deliveries_unscrubbed, no sort
-                    .order_by(deliveries.c.scrubbed_at, deliveries.c.created_at)
-                    .limit(limit)
-                    .with_for_update(skip_locked=True)  # replicas scrubbing at once share the work
-                )
-            ).all()
+            rows = (await conn.execute(_TO_SCRUB, {"older_than": older_than, "limit": limit})).all()
             if rows:
                 await conn.execute(
                     _SCRUB,
@@ -796,6 +779,23 @@ _FIND_TICKET = select(escalations).where(
 )
 _INSERT_ESCALATION = insert(escalations)
 _INSERT_DELIVERIES = insert(deliveries)
+#: finished deliveries created before `older_than`, not yet scrubbed, oldest first
+_TO_SCRUB = (
+    select(deliveries.c.id, deliveries.c.role, deliveries.c.address, deliveries.c.last_error)
+    .where(
+        deliveries.c.scrubbed_at.is_(None),
+        deliveries.c.created_at < bindparam("older_than", type_=deliveries.c.created_at.type),
+        deliveries.c.lease_owner.is_(None),
+        or_(
+            deliveries.c.status.in_(("delivered", "failed")),
+            and_(deliveries.c.status == "sent", deliveries.c.next_attempt_at.is_(None)),
+        ),
+    )
+    # scrubbed_at (NULL here) first: the order of ix_deliveries_unscrubbed, so no sort
+    .order_by(deliveries.c.scrubbed_at, deliveries.c.created_at)
+    .limit(bindparam("limit"))
+    .with_for_update(skip_locked=True)  # replicas scrubbing at once share the work
+)
 _SCRUB = (
     update(deliveries)
     .where(deliveries.c.id == bindparam("b_id"))
