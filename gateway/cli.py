@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import sys
@@ -108,6 +109,7 @@ def serve(
     from gateway.mcp_server import build_http_app, build_server, is_loopback
 
     if stdio:
+        _freeze_start_up_objects()
         asyncio.run(build_server(gateway).run_stdio_async())
         return
     has_token = bool(settings.server.auth_tokens) or settings.server.auth_token_file is not None
@@ -136,9 +138,18 @@ def serve(
         ",".join(settings.transport_chain),
     )
     server = uvicorn.Server(config)
+    _freeze_start_up_objects()
     server.run()
     if not server.started:
         _fail("the server did not start; the log above says why")
+
+
+def _freeze_start_up_objects() -> None:
+    """Take what start-up made (modules, settings, compiled templates, the app) out of the
+    garbage collector's view: it never becomes garbage, yet every full collection walked it,
+    stopping the server for about 80 ms once or twice a second at 16 clients (bench/)."""
+    gc.collect()
+    gc.freeze()
 
 
 @main.command()
