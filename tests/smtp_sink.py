@@ -112,6 +112,7 @@ class _Script:
         self.refused: dict[str, int] = {}
         self.drop_after_message = False
         self.hang_up_at_mail: list[bool] = []
+        self.data_command_replies: list[str] = []
         self.stall: StallPoint | None = None
 
 
@@ -339,6 +340,11 @@ class SMTPSink:
         with self._lock:
             self._script.hang_up_at_mail.extend([reply] * n)
 
+    def refuse_data_command(self, n: int = 1, code: int = 451) -> None:
+        """Answer the next `n` DATA commands with `code` instead of 354: no message follows."""
+        with self._lock:
+            self._script.data_command_replies.extend([f"{code} {_default_text(code)}"] * n)
+
     def stall(self, at: StallPoint | None = "greeting") -> None:
         """Never answer at this point (greeting: accept TCP, send nothing); None answers again."""
         with self._lock:
@@ -486,6 +492,12 @@ class _SinkSMTP(SMTP):
             self.transport.close()
 
     async def smtp_DATA(self, arg: str) -> None:
+        with self.sink._lock:
+            replies = self.sink._script.data_command_replies
+            refusal = replies.pop(0) if replies else None
+        if refusal is not None:
+            await self.push(refusal)  # the envelope stays, as a real server keeps it
+            return
         await super().smtp_DATA(arg)
         with self.sink._lock:
             drop = self.sink._script.drop_after_message

@@ -12,7 +12,11 @@ from typing import Any
 
 import pytest
 import trustme
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from gateway_smtp import SMTPSettings, SMTPTransport
+from gateway_smtp.transport import data_lines
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.errors import ConfigError, PermanentDeliveryError, TransientDeliveryError
 from gateway.plugins import transport_classes, transport_settings
@@ -417,6 +421,55 @@ async def test_smtp_554_at_end_of_data_is_permanent_for_this_message_only(
     with pytest.raises(PermanentDeliveryError, match="554") as caught:
         await transport.send(make_message())
     assert not caught.value.transport_level
+
+
+@pytest.mark.anyio
+async def test_smtp_refused_data_command_resets_the_envelope_so_the_connection_carries_the_next(
+    sink: SMTPSink, make_transport: MakeTransport
+) -> None:
+    sink.refuse_data_command(code=451)  # before 354: the server still holds MAIL and RCPT
+    transport = await make_transport(sink)
+    with pytest.raises(TransientDeliveryError, match="451"):
+        await transport.send(make_message())
+    message = make_message()
+    await transport.send(message)  # without RSET this MAIL would meet "503 nested MAIL command"
+    assert sink.message_ids() == [message.message_id]
+    assert sink.connections == 1
+
+
+@pytest.mark.anyio
+async def test_smtp_lines_starting_with_a_dot_arrive_as_written(
+    sink: SMTPSink, make_transport: MakeTransport
+) -> None:
+    """A line of one dot ends DATA; the transport doubles a leading dot, the server removes it."""
+    text = ".\n..two dots\n.hidden\nlast ."
+    message = make_message(text=text, html="<p>x</p>\n.\n.<p>y</p>")
+    await (await make_transport(sink)).send(message)
+    (received,) = sink.wait_for(1)
+    assert received.data == message.as_bytes()
+    assert parts(received.message)[0].replace("\r\n", "\n") == text + "\n"  # MIME ends a part's last line
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None)
+@given(
+    payload=st.binary(max_size=60)
+    | st.lists(st.sampled_from([b".", b"\r", b"\n", b"\r\n", b"x"])).map(b"".join)
+)
+def test_smtp_data_lines_are_what_aiosmtplib_writes_for_any_bytes(payload: bytes) -> None:
+    expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(payload)) + b".\r\n"
+    assert data_lines(payload) == expected
+
+
+@pytest.mark.anyio
+async def test_smtp_silence_after_mail_times_out_as_transient_within_the_command_timeout(
+    sink: SMTPSink, make_transport: MakeTransport
+) -> None:
+    sink.stall("mail")
+    transport = await make_transport(sink, command_timeout_seconds=0.3)
+    async with asyncio.timeout(10):  # a guard against hanging, far above the configured timeout
+        with pytest.raises(TransientDeliveryError, match=r"did not answer in time \(to MAIL FROM\)"):
+            await transport.send(make_message())
+    assert sink.messages == []
 
 
 @pytest.mark.anyio
