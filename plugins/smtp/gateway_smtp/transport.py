@@ -49,11 +49,13 @@ _LINE_END = re.compile(rb"\r\n|\n|\r")
 
 @dataclass(frozen=True)
 class Envelope:
-    """What goes on the wire for one message: checked addresses and the flattened RFC 5322 bytes."""
+    """What goes on the wire for one message: checked addresses and the flattened RFC 5322 bytes,
+    also as they follow DATA (made before a pooled connection is taken, not while it waits)."""
 
     sender: str
     recipients: tuple[str, ...]
     payload: bytes
+    data: bytes
 
 
 class Step:
@@ -202,7 +204,7 @@ class SMTPTransport(Transport):
             payload = message.as_bytes()  # 7-bit clean: quoted-printable bodies, encoded-word headers
         except ValueError as err:
             raise PermanentDeliveryError(f"the message cannot be written as MIME: {err}") from err
-        return Envelope(sender=sender, recipients=recipients, payload=payload)
+        return Envelope(sender=sender, recipients=recipients, payload=payload, data=data_lines(payload))
 
 
 async def _transaction(client: SMTP, envelope: Envelope, reply_wait: float, step: Step) -> str:
@@ -233,7 +235,7 @@ async def _transaction(client: SMTP, envelope: Envelope, reply_wait: float, step
         raise
     if client.protocol is None:
         raise SMTPServerDisconnected("Connection lost")
-    client.protocol.write(data_lines(envelope.payload))
+    client.protocol.write(envelope.data)
     async with _reply_within(reply_wait):
         reply = await client.protocol.read_response(timeout=None)
     if reply.code != SMTPStatus.completed:
