@@ -64,6 +64,7 @@ class ReceivedMessage:
     message: EmailMessage
     connection: int  # the number of the TCP connection it arrived on (1, 2, ...)
     tls: bool  # it arrived over TLS (STARTTLS or implicit)
+    mail_options: tuple[str, ...] = ()  # what MAIL FROM carried after the address (SIZE=...)
 
     @property
     def subject(self) -> str:
@@ -113,6 +114,7 @@ class _Script:
         self.drop_after_message = False
         self.hang_up_at_mail: list[bool] = []
         self.data_command_replies: list[str] = []
+        self.refuse_ehlo = False
         self.stall: StallPoint | None = None
 
 
@@ -340,6 +342,11 @@ class SMTPSink:
         with self._lock:
             self._script.hang_up_at_mail.extend([reply] * n)
 
+    def speak_helo_only(self, enabled: bool = True) -> None:
+        """Answer EHLO with 502, as a server from before ESMTP does (clients fall back to HELO)."""
+        with self._lock:
+            self._script.refuse_ehlo = enabled
+
     def refuse_data_command(self, n: int = 1, code: int = 451) -> None:
         """Answer the next `n` DATA commands with `code` instead of 354: no message follows."""
         with self._lock:
@@ -401,6 +408,7 @@ class SMTPSink:
             message=parsed,
             connection=connection,
             tls=tls,
+            mail_options=tuple(envelope.mail_options),
         )
         with self._lock:
             self._messages.append(received)
@@ -480,6 +488,14 @@ class _SinkSMTP(SMTP):
         if self.number:
             self.sink._closed(self)
         super().connection_lost(error)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        with self.sink._lock:
+            refuse = self.sink._script.refuse_ehlo
+        if refuse:
+            await self.push("502 5.5.1 EHLO not implemented")
+            return
+        await super().smtp_EHLO(hostname)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         hang_up = self.sink._hang_up_now()

@@ -450,6 +450,28 @@ async def test_smtp_lines_starting_with_a_dot_arrive_as_written(
     assert parts(received.message)[0].replace("\r\n", "\n") == text + "\n"  # MIME ends a part's last line
 
 
+@pytest.mark.anyio
+async def test_smtp_declares_the_message_size_to_a_server_that_takes_size(
+    sink: SMTPSink, make_transport: MakeTransport
+) -> None:
+    message = make_message()
+    await (await make_transport(sink)).send(message)
+    (received,) = sink.wait_for(1)
+    assert received.mail_options == (f"SIZE={len(message.as_bytes())}",)
+
+
+@pytest.mark.anyio
+async def test_smtp_server_without_ehlo_is_greeted_with_helo_and_takes_the_message(
+    sink: SMTPSink, make_transport: MakeTransport
+) -> None:
+    sink.speak_helo_only()
+    message = make_message()
+    await (await make_transport(sink)).send(message)
+    (received,) = sink.wait_for(1)
+    assert received.message_id == message.message_id
+    assert received.mail_options == ()  # no ESMTP, so no SIZE
+
+
 @settings(max_examples=300, derandomize=True, database=None, deadline=None)
 @given(
     payload=st.binary(max_size=60)

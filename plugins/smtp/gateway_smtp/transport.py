@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from aiosmtplib import (
     SMTP,
     SMTPDataError,
+    SMTPHeloError,
     SMTPRecipientRefused,
     SMTPResponseException,
     SMTPServerDisconnected,
@@ -49,13 +50,13 @@ _LINE_END = re.compile(rb"\r\n|\n|\r")
 
 @dataclass(frozen=True)
 class Envelope:
-    """What goes on the wire for one message: checked addresses and the flattened RFC 5322 bytes,
-    also as they follow DATA (made before a pooled connection is taken, not while it waits)."""
+    """What goes on the wire for one message: checked addresses, and the RFC 5322 bytes as they
+    follow DATA (made before a pooled connection is taken, not while it waits) with their size."""
 
     sender: str
     recipients: tuple[str, ...]
-    payload: bytes
     data: bytes
+    size: int  # of the message itself, for SIZE= (RFC 1870)
 
 
 class Step:
@@ -172,6 +173,13 @@ class SMTPTransport(Transport):
             password=self._password,
         )
         await client.connect(timeout=connect_wait)  # TCP, TLS, greeting; then STARTTLS and AUTH
+        if client.is_ehlo_or_helo_needed:
+            # Now rather than inside MAIL: the first message on a connection must see the
+            # server's extensions too (SIZE), and a server refusing EHLO fails as it connects.
+            try:
+                await client.ehlo(timeout=connect_wait)
+            except SMTPHeloError:
+                await client.helo(timeout=connect_wait)  # a server from before ESMTP
         log.debug("opened SMTP connection to %s (%s)", self.server, security)
         return lease.attach(client)
 
@@ -204,13 +212,13 @@ class SMTPTransport(Transport):
             payload = message.as_bytes()  # 7-bit clean: quoted-printable bodies, encoded-word headers
         except ValueError as err:
             raise PermanentDeliveryError(f"the message cannot be written as MIME: {err}") from err
-        return Envelope(sender=sender, recipients=recipients, payload=payload, data=data_lines(payload))
+        return Envelope(sender=sender, recipients=recipients, data=data_lines(payload), size=len(payload))
 
 
 async def _transaction(client: SMTP, envelope: Envelope, reply_wait: float, step: Step) -> str:
     """MAIL, RCPT for each recipient, DATA; returns the server's reply to the message."""
     step.name = "mail"
-    options = [f"SIZE={len(envelope.payload)}"] if client.supports_extension("size") else []
+    options = [f"SIZE={envelope.size}"] if client.supports_extension("size") else []
     try:
         async with _reply_within(reply_wait):
             await client.mail(envelope.sender, options=options, timeout=None)
