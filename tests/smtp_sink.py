@@ -114,6 +114,7 @@ class _Script:
         self.drop_after_message = False
         self.hang_up_at_mail: list[bool] = []
         self.data_command_replies: list[str] = []
+        self.mail_replies: list[str] = []
         self.refuse_ehlo = False
         self.stall: StallPoint | None = None
 
@@ -347,6 +348,11 @@ class SMTPSink:
         with self._lock:
             self._script.refuse_ehlo = enabled
 
+    def refuse_sender(self, n: int = 1, code: int = 550) -> None:
+        """Answer the next `n` MAIL commands with `code` (550: sender not allowed, 451: try later)."""
+        with self._lock:
+            self._script.mail_replies.extend([f"{code} {_default_text(code, sender=True)}"] * n)
+
     def refuse_data_command(self, n: int = 1, code: int = 451) -> None:
         """Answer the next `n` DATA commands with `code` instead of 354: no message follows."""
         with self._lock:
@@ -419,7 +425,9 @@ class SMTPSink:
             self._logins.append((user, ok))
 
 
-def _default_text(code: int, *, recipient: bool = False) -> str:
+def _default_text(code: int, *, recipient: bool = False, sender: bool = False) -> str:
+    if sender:
+        return "5.7.1 Sender address rejected" if code >= 500 else "4.3.0 Sender deferred, try later"
     if recipient:
         return "5.1.1 Recipient address rejected" if code >= 500 else "4.2.0 Recipient deferred, try later"
     return "5.6.0 Message refused" if code >= 500 else "4.3.0 Temporary failure, try again later"
@@ -438,6 +446,11 @@ class _Handler:
             return "530 5.7.0 Authentication required"
         if self.sink._stall_at("mail"):
             await asyncio.Event().wait()  # until the client gives up and the connection closes
+        with self.sink._lock:
+            replies = self.sink._script.mail_replies
+            refusal = replies.pop(0) if replies else None
+        if refusal is not None:
+            return refusal
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 OK"

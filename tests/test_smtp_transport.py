@@ -390,6 +390,33 @@ async def test_smtp_partial_refusal_is_never_success_and_nobody_gets_the_message
 
 
 @pytest.mark.anyio
+async def test_smtp_550_for_the_sender_is_transport_level_and_names_the_server(
+    sink: SMTPSink, make_transport: MakeTransport
+) -> None:
+    sink.refuse_sender(code=550)
+    transport = await make_transport(sink)
+    with pytest.raises(PermanentDeliveryError, match="550") as caught:
+        await transport.send(make_message())
+    assert caught.value.transport_level  # every message from this sender would meet it
+    assert f"{sink.host}:{sink.port}" in str(caught.value)
+    assert sink.messages == []
+
+
+@pytest.mark.anyio
+async def test_smtp_451_for_the_sender_is_transient_and_the_connection_carries_the_next(
+    sink: SMTPSink, make_transport: MakeTransport
+) -> None:
+    sink.refuse_sender(code=451)
+    transport = await make_transport(sink)
+    with pytest.raises(TransientDeliveryError, match="451"):
+        await transport.send(make_message())
+    message = make_message()
+    await transport.send(message)
+    assert [m.sender for m in sink.messages] == [message.sender]
+    assert sink.connections == 1
+
+
+@pytest.mark.anyio
 async def test_smtp_451_for_a_recipient_is_transient(sink: SMTPSink, make_transport: MakeTransport) -> None:
     sink.refuse_recipient("customer@example.com", 451)
     transport = await make_transport(sink)
