@@ -74,6 +74,20 @@ class Result:
             self.first_error = f"{type(err).__name__}: {err}"[:300]
 
 
+def combined(parts: Sequence[Result]) -> Result:
+    """One figure from several measured turns of the same clients: their operations, errors,
+    CPU and seconds added up (throughput is then over the measured time of all turns)."""
+    whole = Result(clients=parts[0].clients)
+    for part in parts:
+        whole.seconds += part.seconds
+        whole.latencies.extend(part.latencies)
+        whole.errors += part.errors
+        whole.first_error = whole.first_error or part.first_error
+        for process, seconds in part.cpu.items():
+            whole.cpu[process] = whole.cpu.get(process, 0.0) + seconds
+    return whole
+
+
 async def run_async(
     ops: Sequence[AsyncOp], seconds: float, warmup: float, meter: Meter | None = None
 ) -> Result:
