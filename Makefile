@@ -6,9 +6,11 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: serve test lint bench install clean
 
+# --no-compile: modules are byte-compiled when first imported, so installing skips compiling
+# the thousands nobody imports (11 s of a fresh clone's 53 s install on the Intel VM)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev,bench,identity]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e '.[dev,bench,identity]'
 	touch $(STAMP)
 
 install: $(STAMP)
