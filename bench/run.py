@@ -534,8 +534,15 @@ def _cpu(result: Result, process: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per throughput figure")
-    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds before each figure")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=4.0,
+        help="measured seconds per judged throughput figure and round (at 16 clients: in 1 s turns)",
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="warm-up seconds before each unjudged figure"
+    )
     parser.add_argument("--skip-acs", action="store_true")
     parser.add_argument("--skip-replicas", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, databases)")
